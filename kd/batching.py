@@ -1,0 +1,57 @@
+"""Turn rows of text (and cached teacher targets) into model-ready tensors."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerBase
+
+TEXT_A, TEXT_B, LABEL, TEACHER_LOGITS = "text_a", "text_b", "label", "teacher_logits"
+
+
+def stack_column(values: Any) -> np.ndarray:
+    """A column of per-row vectors as one 2-D array, whether it came as a 2-D array or an array of arrays."""
+    array = np.asarray(values)
+    if array.dtype == object:
+        array = np.stack([np.asarray(v) for v in values])
+    return array
+
+
+def as_strings(values: Any) -> list[str]:
+    return [str(v) for v in values]
+
+
+class Collator:
+    """Tokenise a batch with dynamic padding; carries gold labels and cached teacher logits through."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int, regression: bool = False):
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.regression = regression
+
+    def encode(self, rows: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        texts = as_strings(rows[TEXT_A])
+        pairs = as_strings(rows[TEXT_B]) if TEXT_B in rows else None
+        return dict(
+            self.tokenizer(
+                texts, pairs, truncation=True, max_length=self.max_length, padding=True, return_tensors="pt"
+            )
+        )
+
+    def __call__(self, rows: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        batch = self.encode(rows)
+        if LABEL in rows:
+            labels = np.asarray(rows[LABEL])
+            batch["labels"] = torch.as_tensor(labels, dtype=torch.float32 if self.regression else torch.long)
+        if TEACHER_LOGITS in rows:
+            batch[TEACHER_LOGITS] = torch.as_tensor(stack_column(rows[TEACHER_LOGITS]), dtype=torch.float32)
+        return batch
+
+
+def iterate_frame(frame, batch_size: int):
+    """Yield column dicts of ``batch_size`` rows from a pandas frame, in order."""
+    for start in range(0, len(frame), batch_size):
+        chunk = frame.iloc[start : start + batch_size]
+        yield {column: chunk[column].to_numpy() for column in chunk.columns}

@@ -1,0 +1,88 @@
+"""Distillation losses, named in a registry so configs and layer maps can refer to them by string."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+LossFn = Callable[..., torch.Tensor]
+LOSSES: dict[str, LossFn] = {}
+
+
+def register_loss(name: str) -> Callable[[LossFn], LossFn]:
+    def decorate(fn: LossFn) -> LossFn:
+        if name in LOSSES:
+            raise ValueError(f"loss {name!r} is registered twice")
+        LOSSES[name] = fn
+        return fn
+
+    return decorate
+
+
+def get_loss(name: str) -> LossFn:
+    try:
+        return LOSSES[name]
+    except KeyError:
+        raise KeyError(f"unknown loss {name!r}; known: {sorted(LOSSES)}") from None
+
+
+@register_loss("kl")
+def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """T² · KL(softmax(z_t/T) ‖ softmax(z_s/T)), averaged over the batch.
+
+    The T² factor keeps the soft-target gradients on the same scale as the hard-label ones (Hinton et al.).
+    """
+    log_p_student = F.log_softmax(student_logits / temperature, dim=-1)
+    log_p_teacher = F.log_softmax(teacher_logits / temperature, dim=-1)
+    kl = F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="batchmean")
+    return kl * temperature**2
+
+
+@register_loss("soft_ce")
+def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """T² · CE(softmax(z_t/T), softmax(z_s/T)): KL plus the teacher's entropy, as DistilBERT and TinyBERT write it."""
+    p_teacher = F.softmax(teacher_logits / temperature, dim=-1)
+    log_p_student = F.log_softmax(student_logits / temperature, dim=-1)
+    return -(p_teacher * log_p_student).sum(-1).mean() * temperature**2
+
+
+@register_loss("ce")
+def hard_cross_entropy(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(student_logits, labels)
+
+
+@register_loss("mse")
+def mean_squared_error(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """MSE over elements; with a token mask, padded positions are left out of the mean."""
+    if mask is None:
+        return F.mse_loss(student, teacher)
+    weights = mask.to(student.dtype)
+    while weights.dim() < student.dim():
+        weights = weights.unsqueeze(-1)
+    weights = weights.expand_as(student)
+    return ((student - teacher) ** 2 * weights).sum() / weights.sum().clamp_min(1.0)
+
+
+@register_loss("cos")
+def cosine_embedding(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of 1 − cos(h_s, h_t) over (unmasked) token vectors, DistilBERT's alignment loss."""
+    distance = 1.0 - F.cosine_similarity(student, teacher, dim=-1)
+    if mask is None:
+        return distance.mean()
+    weights = mask.to(distance.dtype)
+    return (distance * weights).sum() / weights.sum().clamp_min(1.0)
+
+
+@register_loss("normalized_mse")
+def normalized_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """BERT-PKD's patient loss: squared distance between L2-normalised vectors, summed over features."""
+    diff = F.normalize(student, dim=-1) - F.normalize(teacher, dim=-1)
+    return (diff**2).sum(-1).mean()
+
+
+@register_loss("logit_mse")
+def logit_mse(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Tang et al.: squared error between raw logits, summed over classes, averaged over the batch."""
+    return ((student_logits - teacher_logits) ** 2).sum(-1).mean()

@@ -1,0 +1,106 @@
+"""The method contract and its registry.
+
+A method says which teacher signals it needs (cached in Parquet, or computed online in the step), how its
+student is built, which extra trainable modules it owns (projections), its training phases, and its loss as
+named components plus a ``total``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+from transformers import PreTrainedModel
+
+from kd.students import StudentShape, build_student
+
+CACHED_SIGNALS = frozenset({"logits"})
+ONLINE_SIGNALS = frozenset({"logits", "hidden_states", "attentions"})
+
+
+class MethodParams(BaseModel):
+    """Hyperparameters of a method. Subclasses add fields; unknown keys are an error."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class Phase:
+    """A stretch of training with its own loss terms; ``epochs=None`` takes the student's train.epochs."""
+
+    name: str
+    epochs: int | None = None
+
+
+@dataclass
+class TeacherOutputs:
+    logits: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+
+class Method(ABC):
+    name: ClassVar[str]
+    Params: ClassVar[type[MethodParams]] = MethodParams
+    cached_signals: ClassVar[frozenset[str]] = frozenset()
+    online_signals: ClassVar[frozenset[str]] = frozenset()
+    student_outputs: ClassVar[frozenset[str]] = frozenset()  # "hidden_states" / "attentions" the loss reads
+    default_init: ClassVar[str] = "uniform"
+
+    def __init__(self, params: MethodParams | Mapping[str, Any] | None = None):
+        if params is None or isinstance(params, Mapping):
+            params = self.Params.model_validate(dict(params or {}))
+        self.params = params
+
+    @property
+    def needs_teacher_online(self) -> bool:
+        return bool(self.online_signals)
+
+    @property
+    def uses_teacher(self) -> bool:
+        return bool(self.cached_signals or self.online_signals)
+
+    def build_student(self, teacher: PreTrainedModel, shape: StudentShape) -> nn.Module:
+        return build_student(teacher, shape)
+
+    def auxiliary_modules(self, student: nn.Module, teacher: PreTrainedModel | None) -> nn.ModuleDict:
+        """Extra modules trained with the student (projections) and dropped after training."""
+        return nn.ModuleDict()
+
+    def phases(self) -> list[Phase]:
+        return [Phase("train")]
+
+    @abstractmethod
+    def loss(
+        self,
+        student_out: Any,
+        teacher_out: TeacherOutputs | None,
+        batch: Mapping[str, torch.Tensor],
+        auxiliary: nn.ModuleDict,
+        phase: str,
+    ) -> dict[str, torch.Tensor]:
+        """Named loss components and their weighted sum under ``"total"``."""
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    if cls.name in METHODS:
+        raise ValueError(f"method {cls.name!r} is registered twice")
+    unknown = (cls.cached_signals - CACHED_SIGNALS) | (cls.online_signals - ONLINE_SIGNALS)
+    if unknown:
+        raise ValueError(f"method {cls.name!r} asks for unknown teacher signals {sorted(unknown)}")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def get_method(name: str) -> type[Method]:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise KeyError(f"unknown method {name!r}; known: {', '.join(sorted(METHODS))}") from None

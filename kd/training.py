@@ -1,0 +1,189 @@
+"""The distillation training loop, free of Ray: the Ray Train worker, an in-process Tune trial and the
+benchmarks all drive this same code."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Mapping
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import get_linear_schedule_with_warmup
+
+from kd.batching import TEACHER_LOGITS
+from kd.methods.base import Method, Phase, TeacherOutputs
+
+Batch = Mapping[str, torch.Tensor]
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+class TrainSettings(BaseModel):
+    """Optimisation settings of one student."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(default=3, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    learning_rate: float = Field(default=5e-5, gt=0)
+    weight_decay: float = Field(default=0.01, ge=0)
+    warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    report_every: int = Field(default=50, ge=1, description="Steps between metric reports (a Ray Train barrier).")
+    seed: int = 0
+
+
+class DistillationModule(nn.Module):
+    """Student plus the method's auxiliary modules; its forward returns the method's loss components, so one
+    DistributedDataParallel wrapper covers every trainable parameter."""
+
+    def __init__(self, method: Method, student: nn.Module, auxiliary: nn.ModuleDict):
+        super().__init__()
+        self.method = method
+        self.student = student
+        self.auxiliary = auxiliary
+
+    def forward(self, batch: Batch, teacher_out: TeacherOutputs | None, phase: str) -> dict[str, torch.Tensor]:
+        student_out = self.student(
+            **{k: batch[k] for k in MODEL_INPUTS if k in batch},
+            output_hidden_states="hidden_states" in self.method.student_outputs,
+            output_attentions="attentions" in self.method.student_outputs,
+        )
+        return self.method.loss(student_out, teacher_out, batch, self.auxiliary, phase)
+
+
+def teacher_outputs(method: Method, teacher: nn.Module | None, batch: Batch) -> TeacherOutputs | None:
+    """Cached logits from the batch, or the frozen teacher run now, with no gradient."""
+    if not method.uses_teacher:
+        return None
+    if not method.needs_teacher_online:
+        return TeacherOutputs(logits=batch[TEACHER_LOGITS])
+    if teacher is None:
+        raise ValueError(f"method {method.name!r} needs the teacher online, but none was given")
+    with torch.no_grad():
+        out = teacher(
+            **{k: batch[k] for k in MODEL_INPUTS if k in batch},
+            output_hidden_states="hidden_states" in method.online_signals,
+            output_attentions="attentions" in method.online_signals,
+        )
+    logits = batch[TEACHER_LOGITS] if TEACHER_LOGITS in batch else out.logits
+    return TeacherOutputs(logits=logits, hidden_states=out.hidden_states, attentions=out.attentions)
+
+
+@dataclass
+class Progress:
+    """Where training stands; saved with every checkpoint so a restarted worker carries on from it."""
+
+    phase_index: int = 0
+    epoch: int = 0  # epochs finished within the phase
+    global_step: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+def phase_epochs(phase: Phase, settings: TrainSettings) -> int:
+    return phase.epochs if phase.epochs is not None else settings.epochs
+
+
+class Distiller:
+    """Runs a method's phases over epochs of batches; reporting and checkpointing are the caller's hooks."""
+
+    def __init__(
+        self,
+        method: Method,
+        student: nn.Module,
+        teacher: nn.Module | None,
+        settings: TrainSettings,
+        steps_per_epoch: int,
+        device: torch.device | str = "cpu",
+        wrap: Callable[[nn.Module], nn.Module] = lambda module: module,
+    ):
+        self.method = method
+        self.settings = settings
+        self.steps_per_epoch = max(1, steps_per_epoch)
+        self.device = torch.device(device)
+        self.module = DistillationModule(method, student, method.auxiliary_modules(student, teacher)).to(self.device)
+        self.trainable = wrap(self.module)
+        self.teacher = teacher.to(self.device).eval() if teacher is not None else None
+        if self.teacher is not None:
+            self.teacher.requires_grad_(False)
+        self.phases = method.phases()
+        self.progress = Progress()
+        self._start_phase(0)
+
+    @property
+    def student(self) -> nn.Module:
+        return self.module.student
+
+    def _start_phase(self, index: int) -> None:
+        trainable = [p for p in self.module.parameters() if p.requires_grad]
+        decay = [p for p in trainable if p.dim() > 1]
+        no_decay = [p for p in trainable if p.dim() <= 1]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.settings.learning_rate,
+        )
+        total = self.steps_per_epoch * phase_epochs(self.phases[index], self.settings)
+        self.scheduler = get_linear_schedule_with_warmup(
+            self.optimizer, math.ceil(self.settings.warmup_ratio * total), total
+        )
+
+    @property
+    def finished(self) -> bool:
+        return self.progress.phase_index >= len(self.phases)
+
+    def step(self, batch: Batch) -> dict[str, float]:
+        phase = self.phases[self.progress.phase_index]
+        self.trainable.train()
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        losses = self.trainable(batch, teacher_outputs(self.method, self.teacher, batch), phase.name)
+        self.optimizer.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.settings.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.progress.global_step += 1
+        return {name: float(value.detach()) for name, value in losses.items()}
+
+    def run_epoch(self, batches: Iterable[Batch], report: Callable[[dict], None]) -> dict[str, float]:
+        """Train one epoch of the current phase; ``report`` gets running means every ``report_every`` steps."""
+        phase = self.phases[self.progress.phase_index]
+        sums: dict[str, float] = {}
+        count = 0
+        for batch in batches:
+            for name, value in self.step(batch).items():
+                sums[name] = sums.get(name, 0.0) + value
+            count += 1
+            if self.progress.global_step % self.settings.report_every == 0:
+                report({"phase": phase.name, "step": self.progress.global_step, **{f"loss/{k}": v / count for k, v in sums.items()}})
+        self.progress.epoch += 1
+        if self.progress.epoch >= phase_epochs(phase, self.settings):
+            self.progress.phase_index += 1
+            self.progress.epoch = 0
+            if not self.finished:
+                self._start_phase(self.progress.phase_index)
+        return {f"loss/{k}": v / max(count, 1) for k, v in sums.items()}
+
+    def save_state(self, directory: str | os.PathLike) -> None:
+        """Resumable state: weights as safetensors, optimiser state for torch.load(weights_only=True)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.module.state_dict().items()}, directory / "module.safetensors")
+        torch.save(
+            {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+             "progress": vars(self.progress)},
+            directory / "trainer_state.pt",
+        )
+
+    def load_state(self, directory: str | os.PathLike) -> None:
+        directory = Path(directory)
+        self.module.load_state_dict(load_file(directory / "module.safetensors", device=str(self.device)), strict=False)
+        state = torch.load(directory / "trainer_state.pt", weights_only=True, map_location=self.device)
+        self.progress = Progress(**state["progress"])
+        if not self.finished:
+            self._start_phase(self.progress.phase_index)
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])

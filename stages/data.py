@@ -1,0 +1,230 @@
+"""Task data: the packaged rt-snippets corpus, Hugging Face hub datasets, or local files, normalised to
+Parquet splits with columns text_a, [text_b,] label (a class index, or a float for regression)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+from sklearn.model_selection import train_test_split
+
+from kd.batching import LABEL, TEXT_A, TEXT_B
+from pipeline.config import RT_SNIPPETS, TaskConfig
+from stages.errors import StageError
+
+log = logging.getLogger(__name__)
+
+ROLES = ("train", "dev", "test")
+READERS = {
+    ".csv": lambda path: pd.read_csv(path),
+    ".tsv": lambda path: pd.read_csv(path, sep="\t", quoting=3),
+    ".jsonl": lambda path: pd.read_json(path, lines=True),
+    ".parquet": pd.read_parquet,
+}
+
+VADER_SDIST = "vaderSentiment==3.3.2"
+VADER_SHA256 = "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9"
+VADER_INNER_ARCHIVE = "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz"
+RT_SNIPPETS_MEMBER = "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("KD_PIPELINE_CACHE", Path.home() / ".cache" / "kd-pipeline"))
+
+
+# --- rt-snippets ---------------------------------------------------------------------------------------------
+
+
+def fetch_rt_snippets() -> Path:
+    """The 10,605 Rotten Tomatoes snippets (the sentences SST was built from), fetched once from the package
+    registry inside the vaderSentiment source archive, hash-checked, and cached as TSV."""
+    target = cache_dir() / "rt-snippets" / "movieReviewSnippets_GroundTruth.txt"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as scratch:
+        log.info("fetching %s from the package registry (once)", VADER_SDIST)
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet", VADER_SDIST, "-d", scratch]
+        done = subprocess.run(command, capture_output=True, text=True)
+        archives = list(Path(scratch).glob("vaderSentiment-3.3.2.tar.gz"))
+        if done.returncode != 0 or not archives:
+            raise StageError(f"could not fetch {VADER_SDIST} for rt-snippets: {done.stderr.strip()[-500:]}")
+        digest = hashlib.sha256(archives[0].read_bytes()).hexdigest()
+        if digest != VADER_SHA256:
+            raise StageError(f"{archives[0].name} has sha256 {digest}, expected {VADER_SHA256}; refusing it")
+        with tarfile.open(archives[0]) as outer:
+            inner_bytes = outer.extractfile(VADER_INNER_ARCHIVE).read()
+        with tarfile.open(fileobj=io.BytesIO(inner_bytes)) as inner:
+            text = inner.extractfile(RT_SNIPPETS_MEMBER).read()
+    partial = target.with_suffix(".partial")
+    partial.write_bytes(text)
+    os.replace(partial, target)
+    return target
+
+
+def load_rt_snippets() -> pd.DataFrame:
+    """id<TAB>mean rating in [-4, 4]<TAB>text; rating > 0 is positive (1), < 0 negative (0), 0 is dropped."""
+    rows = []
+    for line in fetch_rt_snippets().read_text(encoding="utf-8").splitlines():
+        parts = line.split("\t")
+        if len(parts) == 3:
+            rows.append((float(parts[1]), parts[2].strip()))
+    frame = pd.DataFrame(rows, columns=["rating", "sentence"])
+    neutral = int((frame.rating == 0).sum())
+    log.info("rt-snippets: %d sentences, %d with rating 0 dropped", len(frame), neutral)
+    frame = frame[frame.rating != 0]
+    return pd.DataFrame({"sentence": frame.sentence, "label": (frame.rating > 0).astype(int)}).reset_index(drop=True)
+
+
+# --- local files and the hub ---------------------------------------------------------------------------------
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    reader = READERS.get(path.suffix.lower())
+    if reader is None:
+        raise StageError(f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(READERS)}")
+    try:
+        return reader(path)
+    except UnicodeDecodeError as error:
+        raise StageError(f"{path} is not valid UTF-8 (byte {error.start}): re-encode it as UTF-8") from None
+    except Exception as error:  # parsers raise many types; the user needs the file and the reason
+        raise StageError(f"cannot read {path}: {type(error).__name__}: {error}") from None
+
+
+def load_local(path: Path, task: TaskConfig) -> dict[str, pd.DataFrame]:
+    if path.is_file():
+        return {"all": read_table(path)}
+    if not path.is_dir():
+        raise StageError(f"task.source {str(path)!r} is neither a known dataset nor an existing file or folder")
+    frames = {}
+    for name in {task.splits.train, task.splits.dev, task.splits.test} - {None}:
+        files = [path / f"{name}{suffix}" for suffix in READERS if (path / f"{name}{suffix}").exists()]
+        if files:
+            frames[name] = read_table(files[0])
+    if task.splits.train not in frames:
+        raise StageError(f"{path} has no {task.splits.train}.csv/.tsv/.jsonl/.parquet for the train split")
+    return frames
+
+
+def load_hub(name: str) -> dict[str, pd.DataFrame]:
+    import datasets
+
+    path, _, subset = name.partition("/")
+    if path == "glue":
+        path = "nyu-mll/glue"
+    try:
+        loaded = datasets.load_dataset(path, subset or None) if subset else datasets.load_dataset(name)
+    except Exception as error:
+        raise StageError(f"cannot load dataset {name!r} from the Hugging Face hub: {error}") from None
+    return {split: loaded[split].to_pandas() for split in loaded}
+
+
+def load_source(task: TaskConfig) -> dict[str, pd.DataFrame]:
+    if task.source == RT_SNIPPETS:
+        return {"all": load_rt_snippets()}
+    path = Path(task.source).expanduser()
+    if path.exists() or path.suffix.lower() in READERS:
+        return load_local(path, task)
+    return load_hub(task.source)
+
+
+# --- normalising, checking and splitting ---------------------------------------------------------------------
+
+
+def normalise(frame: pd.DataFrame, task: TaskConfig, split: str) -> tuple[pd.DataFrame, int]:
+    """Canonical columns; rows with an empty text or an undeclared label are refused, or skipped and counted."""
+    missing = [c for c in [*task.text_columns, task.label_column] if c not in frame.columns]
+    if missing:
+        raise StageError(f"split {split!r} has no column(s) {missing}; it has {list(frame.columns)}")
+    out = pd.DataFrame(index=frame.index)
+    for source, target in zip(task.text_columns, (TEXT_A, TEXT_B)):
+        out[target] = frame[source].astype("string").str.strip()
+    empty = out[[TEXT_A, TEXT_B][: len(task.text_columns)]].isna().any(axis=1) | (
+        out[[TEXT_A, TEXT_B][: len(task.text_columns)]] == ""
+    ).any(axis=1)
+    raw_labels = frame[task.label_column]
+    if task.task_type == "regression":
+        out[LABEL] = pd.to_numeric(raw_labels, errors="coerce")
+        bad_label = out[LABEL].isna()
+    else:
+        index_of = {str(label): i for i, label in enumerate(task.labels)}
+        out[LABEL] = raw_labels.map(lambda v: index_of.get(str(v), -1))
+        bad_label = out[LABEL] < 0
+    bad = empty | bad_label
+    count = int(bad.sum())
+    if count and task.bad_rows == "error":
+        first = frame[bad].iloc[0]
+        reason = "an empty text" if empty[bad].iloc[0] else f"label {first[task.label_column]!r} outside {task.labels}"
+        raise StageError(
+            f"split {split!r}: {count} row(s) have an empty text or an undeclared label; the first (row "
+            f"{first.name}) has {reason}: {dict(first[[*task.text_columns, task.label_column]])}. "
+            "Fix the data, or set task.bad_rows: skip to drop such rows."
+        )
+    if count:
+        log.warning("split %r: skipped %d row(s) with an empty text or an undeclared label", split, count)
+    out = out[~bad]
+    if task.task_type == "classification":
+        out[LABEL] = out[LABEL].astype("int64")
+    return out.reset_index(drop=True), count
+
+
+def _carve(frame: pd.DataFrame, fraction: float, seed: int, stratify: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
+    rest, carved = train_test_split(frame, test_size=fraction, random_state=seed, stratify=frame[LABEL] if stratify else None)
+    return rest.reset_index(drop=True), carved.reset_index(drop=True)
+
+
+def assign_roles(frames: dict[str, pd.DataFrame], task: TaskConfig) -> dict[str, pd.DataFrame]:
+    """Map source splits to train/dev/test; what is missing is carved from train with a fixed seed,
+    stratified by label (80/10/10 for a single-file corpus)."""
+    stratify = task.task_type == "classification"
+    train_fraction, dev_fraction, test_fraction = task.split_fractions
+    if "all" in frames:
+        rest, test = _carve(frames["all"], test_fraction, task.split_seed, stratify)
+        train, dev = _carve(rest, dev_fraction / (train_fraction + dev_fraction), task.split_seed, stratify)
+        return {"train": train, "dev": dev, "test": test}
+    named = {role: getattr(task.splits, role) for role in ROLES}
+    for role, name in named.items():
+        if name is not None and name not in frames:
+            raise StageError(f"task.splits.{role}: the source has no split {name!r}; it has {sorted(frames)}")
+    roles = {role: frames[name] for role, name in named.items() if name is not None}
+    for role, fraction in (("test", test_fraction), ("dev", dev_fraction)):
+        if role not in roles:
+            roles["train"], roles[role] = _carve(roles["train"], fraction, task.split_seed, stratify)
+    return roles
+
+
+def cap_rows(frame: pd.DataFrame, max_rows: int | None, seed: int) -> pd.DataFrame:
+    if max_rows is None or len(frame) <= max_rows:
+        return frame
+    return frame.sample(n=max_rows, random_state=seed).reset_index(drop=True)
+
+
+def prepare(task: TaskConfig, out: Path) -> dict:
+    """Load, check, split and write the task. Returns the facts recorded in result.json."""
+    raw = load_source(task)
+    skipped = {}
+    normalised = {}
+    for split, frame in raw.items():
+        normalised[split], skipped[split] = normalise(frame, task, split)
+    roles = {role: cap_rows(frame, task.max_rows, task.split_seed) for role, frame in assign_roles(normalised, task).items()}
+    result: dict = {"rows": {}, "skipped": skipped, "label_counts": {}}
+    for role, frame in roles.items():
+        if frame.empty:
+            raise StageError(f"the {role} split is empty after loading {task.source}")
+        frame.to_parquet(out / f"{role}.parquet", index=False)
+        result["rows"][role] = len(frame)
+        if task.task_type == "classification":
+            result["label_counts"][role] = {str(k): int(v) for k, v in frame[LABEL].value_counts().sort_index().items()}
+    return result
+
+
+def run(cfg, inputs, ctx, out: Path) -> dict:
+    return prepare(cfg.task, out)

@@ -1,0 +1,52 @@
+"""Task metrics on dev and test, parameter count, size on disk, and CPU latency: the same harness for the
+teacher and every student, run as a Ray task."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import ray
+
+from kd.batching import Collator, iterate_frame
+from kd.evaluation import evaluate_frame, measure_latency, size_on_disk
+from kd.students import count_parameters
+from stages.distill import STUDENT_DIR
+from stages.models import load_classifier, load_tokenizer
+
+TEST_PREDICTIONS = "test_predictions.npy"
+
+
+def evaluate_model(model_dir: str, data_dir: str, num_labels: int, regression: bool, max_length: int,
+                   batch_size: int, latency_batch_size: int, latency_repeats: int, threads: int | None) -> dict:
+    model = load_classifier(model_dir, num_labels)
+    collator = Collator(load_tokenizer(model_dir), max_length, regression=regression)
+    result: dict = {}
+    predictions = {}
+    for split in ("dev", "test"):
+        frame = pd.read_parquet(Path(data_dir) / f"{split}.parquet")
+        result[split], logits = evaluate_frame(model, collator, frame, batch_size)
+        predictions[split] = logits
+    test = pd.read_parquet(Path(data_dir) / "test.parquet")
+    timing_rows = next(iterate_frame(test.head(latency_batch_size), latency_batch_size))
+    timing = measure_latency(model, collator.encode(timing_rows), repeats=latency_repeats, threads=threads)
+    result.update(
+        params=count_parameters(model),
+        size_bytes=size_on_disk(model.save_pretrained),
+        latency_ms=timing["latency_ms"],
+        throughput=timing["throughput"],
+        latency_batch_size=timing["batch_size"],
+    )
+    return result, predictions["test"]
+
+
+def run(cfg, inputs, ctx, out: Path) -> dict:
+    task = ray.remote(num_cpus=1)(evaluate_model)
+    result, test_logits = ray.get(task.remote(
+        str(inputs["model"].path / STUDENT_DIR), str(inputs["data"].path), cfg.task.num_labels,
+        cfg.task.task_type == "regression", cfg.teacher.max_length, cfg.evaluate.batch_size,
+        cfg.evaluate.latency_batch_size, cfg.evaluate.latency_repeats, cfg.evaluate.threads,
+    ))
+    np.save(out / TEST_PREDICTIONS, test_logits)
+    return result

