@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -48,6 +48,25 @@ class Collator:
         if TEACHER_LOGITS in rows:
             batch[TEACHER_LOGITS] = torch.as_tensor(stack_column(rows[TEACHER_LOGITS]), dtype=torch.float32)
         return batch
+
+
+def length_bucketed(chunks: Iterable[Mapping[str, np.ndarray]], batch_size: int,
+                    rng: np.random.Generator) -> Iterator[dict[str, np.ndarray]]:
+    """Cut each (already shuffled) chunk of rows into batches of similar text length, visited in random order.
+
+    Batches pad to their longest row; on rt-snippets the mean sentence is 27 tokens but a random batch of 32
+    pads to about 50, so bucketing roughly halves the tokens computed. A chunk of many batches keeps the
+    epoch shuffled. Every chunk of the same size gives the same number of batches, so data-parallel
+    workers with equal shards stay in step.
+    """
+    for chunk in chunks:
+        lengths = np.array([len(str(text)) for text in chunk[TEXT_A]])
+        if TEXT_B in chunk:
+            lengths += np.array([len(str(text)) for text in chunk[TEXT_B]])
+        order = np.argsort(lengths, kind="stable")
+        batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+        for index in rng.permutation(len(batches)):
+            yield {column: np.asarray(values)[batches[index]] for column, values in chunk.items()}
 
 
 def iterate_frame(frame, batch_size: int):

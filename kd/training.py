@@ -7,7 +7,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Literal, Mapping
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -33,7 +33,13 @@ class TrainSettings(BaseModel):
     weight_decay: float = Field(default=0.01, ge=0)
     warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
     max_grad_norm: float = Field(default=1.0, gt=0)
-    report_every: int = Field(default=50, ge=1, description="Steps between metric reports (a Ray Train barrier).")
+    report_every: int = Field(default=50, ge=1, description="Steps between progress reports.")
+    precision: Literal["fp32", "bf16"] = Field(
+        default="fp32", description="bf16 autocasts the forward pass (about 2x faster on CPUs with AVX512-BF16 or AMX)."
+    )
+    bucket_batches: int = Field(
+        default=32, ge=1, description="Batches per length-sorted chunk; 1 disables length bucketing."
+    )
     seed: int = 0
 
 
@@ -81,6 +87,7 @@ class Progress:
     phase_index: int = 0
     epoch: int = 0  # epochs finished within the phase
     global_step: int = 0
+    epoch_start_step: int = 0
     history: list[dict] = field(default_factory=list)
 
 
@@ -139,7 +146,8 @@ class Distiller:
         phase = self.phases[self.progress.phase_index]
         self.trainable.train()
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        losses = self.trainable(batch, teacher_outputs(self.method, self.teacher, batch), phase.name)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.settings.precision == "bf16"):
+            losses = self.trainable(batch, teacher_outputs(self.method, self.teacher, batch), phase.name)
         self.optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
         torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.settings.max_grad_norm)
@@ -151,6 +159,7 @@ class Distiller:
     def run_epoch(self, batches: Iterable[Batch], report: Callable[[dict], None]) -> dict[str, float]:
         """Train one epoch of the current phase; ``report`` gets running means every ``report_every`` steps."""
         phase = self.phases[self.progress.phase_index]
+        self.progress.epoch_start_step = self.progress.global_step
         sums: dict[str, float] = {}
         count = 0
         for batch in batches:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -14,7 +15,7 @@ from pipeline.config import ConfigError, Experiment, load_experiment
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Distil fine-tuned BERT teachers into small, fast students on Ray, tracked in MLflow.")
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 160)
 
 ConfigArg = typer.Argument(..., exists=False, help="Experiment YAML file, e.g. configs/quickstart.yaml.")
 SetOption = typer.Option(None, "--set", help="Override a field: key.sub=value (repeatable), e.g. students.kd_3L.train.epochs=1.")

@@ -141,7 +141,7 @@ class EvaluateConfig(Strict):
 
 class Experiment(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    workdir: Path = Path("runs/default")
+    workdir: Path = Field(default=Path("runs/default"), validate_default=True)
     seed: int = 0
     task: TaskConfig = Field(default_factory=TaskConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)

@@ -20,7 +20,7 @@ import torch
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from kd.batching import Collator
+from kd.batching import Collator, length_bucketed
 from kd.evaluation import predict_logits, task_metrics
 from kd.methods import get_method
 from kd.students import StudentShape
@@ -39,6 +39,17 @@ def _dev_metrics(model, collator: Collator, regression: bool, batch_size: int) -
         encoded.append(collator.encode(rows))
     logits = predict_logits(model, encoded)
     return task_metrics(logits, np.concatenate(labels), regression)
+
+
+def _log_progress(distiller: Distiller, metrics: dict, rank0: bool) -> None:
+    """Keep the step-level curve for MLflow and print a progress line that Ray forwards to the driver."""
+    distiller.progress.history.append(metrics)
+    if rank0:
+        phase = distiller.phases[distiller.progress.phase_index]
+        epochs = phase.epochs if phase.epochs is not None else distiller.settings.epochs
+        within = distiller.progress.global_step - distiller.progress.epoch_start_step
+        print(f"[{phase.name}] epoch {distiller.progress.epoch + 1}/{epochs} step {within}/{distiller.steps_per_epoch}"
+              f" loss {metrics.get('loss/total', float('nan')):.4f}", flush=True)
 
 
 def train_loop_per_worker(job: dict[str, Any]) -> None:
@@ -76,14 +87,16 @@ def train_loop_per_worker(job: dict[str, Any]) -> None:
             distiller.load_state(directory)
 
     rank0 = context.get_world_rank() == 0
+    rng = np.random.default_rng(settings.seed + context.get_world_rank())
     fault_step = int(os.environ.get("KD_FAULT_AT_STEP", "0"))
     while not distiller.finished:
         phase = distiller.phases[distiller.progress.phase_index].name
-        shard = ray.train.get_dataset_shard("train")
-        batches = shard.iter_torch_batches(
-            batch_size=settings.batch_size, collate_fn=collator, local_shuffle_buffer_size=10 * settings.batch_size
+        chunks = ray.train.get_dataset_shard("train").iter_batches(
+            batch_size=settings.batch_size * settings.bucket_batches, batch_format="numpy",
+            local_shuffle_buffer_size=settings.batch_size * settings.bucket_batches,
         )
-        losses = distiller.run_epoch(batches, report=lambda metrics: distiller.progress.history.append(metrics))
+        batches = (collator(rows) for rows in length_bucketed(chunks, settings.batch_size, rng))
+        losses = distiller.run_epoch(batches, report=lambda metrics: _log_progress(distiller, metrics, rank0))
         if fault_step and checkpoint is None and distiller.progress.global_step >= fault_step and rank0:
             os._exit(1)  # fault injection for the fault-tolerance test: this worker dies after an epoch
         dev = _dev_metrics(distiller.student, collator, job["regression"], settings.batch_size * 2)
@@ -115,8 +128,19 @@ def worker_threads(cfg) -> int:
     return cfg.ray.torch_threads or max(1, int(cfg.ray.cpus_per_worker))
 
 
-def fit(cfg, job: dict[str, Any], train_data: ray.data.Dataset, dev_data: ray.data.Dataset, run_name: str,
-        out: Path) -> dict:
+def read_quietly(path: Path) -> ray.data.Dataset:
+    """A Parquet dataset whose per-epoch iteration in the workers draws no progress bars: a Dataset keeps the
+    DataContext it was created under, and per-epoch bars from every worker would drown the driver's display."""
+    context = ray.data.DataContext.get_current()
+    shown = context.enable_progress_bars
+    context.enable_progress_bars = False
+    try:
+        return ray.data.read_parquet(str(path))
+    finally:
+        context.enable_progress_bars = shown
+
+
+def fit(cfg, job: dict[str, Any], train_path: Path, dev_path: Path, run_name: str, out: Path) -> dict:
     """Train on Ray and copy the finished student into ``out/student``; returns the epoch history."""
     storage = Path(cfg.ray.storage_path or cfg.workdir / "ray").expanduser().resolve()
     trainer = TorchTrainer(
@@ -126,7 +150,7 @@ def fit(cfg, job: dict[str, Any], train_data: ray.data.Dataset, dev_data: ray.da
             num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
             resources_per_worker={"CPU": cfg.ray.cpus_per_worker},
         ),
-        datasets={"train": train_data, "dev": dev_data},
+        datasets={"train": read_quietly(train_path), "dev": read_quietly(dev_path)},
         dataset_config=DataConfig(datasets_to_split=["train"]),
         run_config=ray.train.RunConfig(
             name=run_name, storage_path=str(storage),
@@ -149,7 +173,6 @@ def run(cfg, spec, inputs, ctx, out: Path) -> dict:
     data_dir = inputs["data"].path
     teacher_dir = str(inputs["teacher"].path / STUDENT_DIR)
     train_source = inputs["label"].path / "data" if "label" in inputs else data_dir / "train.parquet"
-    train_data = ray.data.read_parquet(str(train_source))
     train_rows = inputs["label"].result()["rows"] if "label" in inputs else inputs["data"].result()["rows"]["train"]
     job = train_job(
         method=spec.method, params=spec.params.model_dump(), shape=spec.student.model_dump(), settings=spec.train,
@@ -157,7 +180,6 @@ def run(cfg, spec, inputs, ctx, out: Path) -> dict:
         num_labels=cfg.task.num_labels, regression=cfg.task.task_type == "regression", train_rows=train_rows,
         torch_threads=worker_threads(cfg),
     )
-    outcome = fit(cfg, job, train_data, ray.data.read_parquet(str(data_dir / "dev.parquet")),
-                  f"{cfg.name}-{spec.name}-{ctx.key}", out)
+    outcome = fit(cfg, job, train_source, data_dir / "dev.parquet", f"{cfg.name}-{spec.name}-{ctx.key}", out)
     return {"method": method.name, "teacher_signals": "online" if method.needs_teacher_online else
             "cached" if method.uses_teacher else "none", **outcome}

@@ -7,7 +7,6 @@ import logging
 import shutil
 from pathlib import Path
 
-import ray
 from transformers import AutoModelForSequenceClassification
 
 from stages.distill import STUDENT_DIR, fit, train_job, worker_threads
@@ -51,7 +50,6 @@ def run(cfg, inputs, ctx, out: Path) -> dict:
         regression=cfg.task.task_type == "regression", train_rows=inputs["data"].result()["rows"]["train"],
         torch_threads=worker_threads(cfg),
     )
-    outcome = fit(cfg, job, ray.data.read_parquet(str(data_dir / "train.parquet")),
-                  ray.data.read_parquet(str(data_dir / "dev.parquet")), f"{cfg.name}-teacher-{ctx.key}", out)
+    outcome = fit(cfg, job, data_dir / "train.parquet", data_dir / "dev.parquet", f"{cfg.name}-teacher-{ctx.key}", out)
     shutil.rmtree(initial)
     return {"source": cfg.teacher.source, "fine_tuned": True, **outcome}

@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny random BERTs for unit tests and one local Ray session for every Ray test."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+WORDS = "the a movie film good bad great awful plot actor is was not very fun dull".split()
+
+
+def tiny_bert_config(**overrides) -> BertConfig:
+    settings = dict(vocab_size=len(WORDS) + 5, hidden_size=16, num_hidden_layers=4, num_attention_heads=2,
+                    intermediate_size=32, max_position_embeddings=64, num_labels=2)
+    settings.update(overrides)
+    return BertConfig(**settings)
+
+
+@pytest.fixture
+def tiny_teacher() -> BertForSequenceClassification:
+    torch.manual_seed(0)
+    return BertForSequenceClassification(tiny_bert_config())
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer() -> BertTokenizerFast:
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    return BertTokenizerFast(vocab={token: i for i, token in enumerate(tokens)}, do_lower_case=True)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole run: starting Ray costs 5-9 s here."""
+    import ray
+
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    from pipeline.ray_session import WORKER_ENV
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, runtime_env={"env_vars": WORKER_ENV})
+    yield ray
+    ray.shutdown()

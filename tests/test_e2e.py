@@ -1,0 +1,82 @@
+"""The smoke profile end to end through local Ray: summary.json, MLflow runs, and the stage cache."""
+
+from pathlib import Path
+
+import json
+
+import mlflow
+import pytest
+from rich.console import Console
+
+from pipeline.config import load_experiment
+from pipeline.runner import PipelineRunner
+
+SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
+pytestmark = [pytest.mark.ray, pytest.mark.e2e, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(ray_session, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("smoke")
+    exp = load_experiment(SMOKE, workdir=workdir)
+    runner = PipelineRunner(exp, Console(width=160))
+    summary = runner.run()
+    return exp, runner, summary
+
+
+def test_summary_reports_teacher_and_students(smoke_run):
+    exp, _, summary = smoke_run
+    on_disk = json.loads((exp.workdir / "summary.json").read_text())
+    assert on_disk == summary
+    assert set(summary["students"]) == {"kd_2L", "finetune_2L"}
+    teacher = summary["teacher"]
+    assert teacher["fine_tuned"] and 0 <= teacher["dev"]["accuracy"] <= 1 and teacher["params"] > 20e6
+    for name, student in summary["students"].items():
+        assert {"accuracy", "f1", "mcc"} <= set(student["dev"]) and {"accuracy"} <= set(student["test"])
+        assert student["params"] < teacher["params"] and student["compression"] > 1
+        assert student["latency_ms"] > 0 and student["speedup"] > 0
+    assert summary["students"]["kd_2L"]["method"] == "kd"
+
+
+def test_students_load_with_auto_classes(smoke_run):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    exp, _, _ = smoke_run
+    folders = list((exp.workdir / "artifacts" / "distill").glob("*/student"))
+    assert len(folders) == 2
+    model = AutoModelForSequenceClassification.from_pretrained(folders[0])
+    tokenizer = AutoTokenizer.from_pretrained(folders[0])
+    assert model.config.num_hidden_layers == 2
+    assert model(**tokenizer(["a fine film"], return_tensors="pt")).logits.shape == (1, 2)
+
+
+def test_mlflow_has_parent_and_nested_stage_runs(smoke_run):
+    exp, _, _ = smoke_run
+    mlflow.set_tracking_uri(exp.tracking_uri)
+    runs = mlflow.search_runs(experiment_names=[exp.experiment_name], output_format="list")
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+    assert {"data", "teacher", "soft labels", "distill kd_2L (kd)", "evaluate kd_2L", "evaluate teacher"} <= set(children)
+    assert all(r.info.status == "FINISHED" for r in children.values())
+    distill = children["distill kd_2L (kd)"]
+    assert distill.data.params["params.temperature"] == "4.0"
+    assert "dev_accuracy" in distill.data.metrics
+    artifacts = mlflow.MlflowClient().list_artifacts(distill.info.run_id, "student")
+    assert any(a.path.endswith("model.safetensors") for a in artifacts)
+    assert "kd_2L.dev_accuracy" in parents[0].data.metrics
+
+
+def test_rerun_recomputes_nothing(smoke_run):
+    exp, _, summary = smoke_run
+    again = PipelineRunner(exp, Console(width=160))
+    assert again.run() == summary
+    assert again.counts == {"ran": 0, "cached": 8}
+
+
+def test_changing_a_student_reruns_only_its_distill_and_evaluate(smoke_run):
+    exp, _, _ = smoke_run
+    changed = load_experiment(SMOKE, ["students.kd_2L.params.alpha=0.5"], workdir=exp.workdir)
+    runner = PipelineRunner(changed, Console(width=160))
+    runner.run()
+    assert runner.counts == {"ran": 2, "cached": 6}
