@@ -23,9 +23,10 @@ class StudentShape(BaseModel):
     hidden_size: int | None = Field(default=None, ge=8, description="None keeps the teacher's width.")
     attention_heads: int | None = Field(default=None, ge=1, description="None: keep the teacher's head size (64 or its own).")
     intermediate_size: int | None = Field(default=None, ge=8, description="None: 4 × hidden_size.")
-    init: InitStrategy | list[int] = Field(
-        default="uniform",
-        description="Teacher layers (1-based) to copy into the student, or a named strategy, or 'random'.",
+    init: InitStrategy | list[int] | None = Field(
+        default=None,
+        description="Teacher layers (1-based) to copy into the student, a named strategy, or 'random'; "
+        "None takes the method's own choice (DistilBERT every_other, PKD and TextSmooth bottom, else uniform).",
     )
 
     @model_validator(mode="after")
@@ -56,6 +57,8 @@ def student_config(teacher_config: BertConfig, shape: StudentShape) -> BertConfi
 
 def copied_layers(shape: StudentShape, n_teacher: int) -> list[int] | None:
     """1-based teacher layers the student starts from, or None for a random start."""
+    if shape.init is None:
+        raise ValueError("the student's init is unresolved: ask the method (Method.resolve_shape)")
     if shape.init == "random":
         return None
     if isinstance(shape.init, list):

@@ -16,10 +16,9 @@ from torch import nn
 from transformers import get_linear_schedule_with_warmup
 
 from kd.batching import TEACHER_LOGITS
-from kd.methods.base import Method, Phase, TeacherOutputs
+from kd.methods.base import MODEL_INPUTS, Method, Phase, TeacherOutputs
 
 Batch = Mapping[str, torch.Tensor]
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 class TrainSettings(BaseModel):
@@ -54,11 +53,7 @@ class DistillationModule(nn.Module):
         self.auxiliary = auxiliary
 
     def forward(self, batch: Batch, teacher_out: TeacherOutputs | None, phase: str) -> dict[str, torch.Tensor]:
-        student_out = self.student(
-            **{k: batch[k] for k in MODEL_INPUTS if k in batch},
-            output_hidden_states="hidden_states" in self.method.student_outputs,
-            output_attentions="attentions" in self.method.student_outputs,
-        )
+        student_out = self.method.student_forward(self.student, batch, self.auxiliary, phase)
         return self.method.loss(student_out, teacher_out, batch, self.auxiliary, phase)
 
 

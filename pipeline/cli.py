@@ -30,6 +30,19 @@ def _load(config: Path, overrides: Optional[list[str]], workdir: Optional[Path])
         raise typer.Exit(2)
 
 
+def _preflight(exp: Experiment) -> None:
+    from pipeline.preflight import check_students_fit_teacher
+    from stages.errors import StageError
+
+    try:
+        check_students_fit_teacher(exp)
+    except ConfigError as error:
+        console.print(f"[red]error:[/red] {error}", highlight=False)
+        raise typer.Exit(2)
+    except StageError as error:
+        _fail(error)
+
+
 def _fail(error: Exception) -> None:
     console.print(f"[red]error:[/red] {error}", highlight=False)
     raise typer.Exit(1)
@@ -44,6 +57,7 @@ def run(config: Path = ConfigArg, set_: Optional[list[str]] = SetOption, workdir
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     exp = _load(config, set_, workdir)
+    _preflight(exp)
     try:
         PipelineRunner(exp, console).run()
     except StageError as error:
@@ -51,9 +65,65 @@ def run(config: Path = ConfigArg, set_: Optional[list[str]] = SetOption, workdir
 
 
 @app.command()
-def validate(config: Path = ConfigArg, set_: Optional[list[str]] = SetOption) -> None:
+def tune(config: Path = ConfigArg,
+         method: str = typer.Option(..., "--method", "-m", help="Method to search; its space is tune_spaces/<method>.yaml."),
+         student: Optional[str] = typer.Option(None, "--student", help="Base student entry (default: the first of the method)."),
+         samples: Optional[int] = typer.Option(None, "--samples", help="Trials to sample (tune.samples)."),
+         scheduler: Optional[str] = typer.Option(None, "--scheduler", help="asha (early stopping on the dev metric) or fifo."),
+         search: Optional[str] = typer.Option(None, "--search", help="random or optuna."),
+         trial_mode: Optional[str] = typer.Option(None, "--trial-mode", help="in_process (no nested trainer) or nested."),
+         set_: Optional[list[str]] = SetOption, workdir: Optional[Path] = WorkdirOption) -> None:
+    """Search a method's hyperparameters with Ray Tune; register the best student in MLflow as 'candidate'.
+
+    Rerunning the same command resumes an interrupted search."""
+    from pipeline.search import run_tune
+    from stages.errors import StageError
+
+    overrides = list(set_ or [])
+    for field, value in (("samples", samples), ("scheduler", scheduler), ("search", search), ("trial_mode", trial_mode)):
+        if value is not None:
+            overrides.append(f"tune.{field}={value}")
+    exp = _load(config, overrides, workdir)
+    _preflight(exp)
+    try:
+        run_tune(exp, method, student, console)
+    except ConfigError as error:
+        console.print(f"[red]error:[/red] {error}", highlight=False)
+        raise typer.Exit(2)
+    except StageError as error:
+        _fail(error)
+
+
+@app.command()
+def promote(name: str = typer.Argument(..., help="Registered model name."),
+            version: int = typer.Option(..., "--version", help="Model version to promote."),
+            tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI",
+                                                       help="MLflow tracking URI, e.g. sqlite:///runs/quickstart/mlflow.db."),
+            alias: str = typer.Option("champion", "--alias", help="Alias to move.")) -> None:
+    """Point the 'champion' alias (or another) of a registered model at a version."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from stages.register import promote as move_alias
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    try:
+        move_alias(name, version, alias)
+    except MlflowException as error:
+        _fail(error.message)
+    console.print(f"{name}@{alias} → version {version}")
+
+
+@app.command()
+def validate(config: Path = ConfigArg, set_: Optional[list[str]] = SetOption,
+             check_teacher: bool = typer.Option(True, "--check-teacher/--no-check-teacher",
+                                                help="Also check students and layer maps against the teacher's depth "
+                                                     "(reads its config; a hub teacher needs network).")) -> None:
     """Check an experiment file without running anything."""
     exp = _load(config, set_, None)
+    if check_teacher:
+        _preflight(exp)
     console.print(f"[green]ok[/green]: {config} — {len(exp.students)} student(s): "
                   + ", ".join(f"{s.name} ({s.method})" for s in exp.students))
 

@@ -94,6 +94,11 @@ class LabelConfig(Strict):
     batch_size: int = Field(default=64, ge=1)
     actors: int = Field(default=1, ge=1, description="Size of the teacher actor pool.")
     cpus_per_actor: float = Field(default=1.0, gt=0)
+    gpus_per_actor: float = Field(default=0.0, ge=0)
+    threads_per_actor: int | None = Field(
+        default=None, ge=1, description="Torch threads per actor (None: cpus_per_actor). More than the reserved CPUs "
+        "lets a lone actor use a small machine's idle cores while Ray Data's read tasks keep a CPU to run on.")
+    resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources per actor, e.g. {teacher_labeler: 1}.")
 
 
 class StudentBase(Strict):
@@ -122,6 +127,7 @@ class RayConfig(Strict):
     num_workers: int = Field(default=1, ge=1, description="Ray Train workers per student.")
     cpus_per_worker: float = Field(default=1.0, gt=0)
     use_gpu: bool = False
+    resources_per_worker: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources per training worker, e.g. {trainer: 1}.")
     torch_threads: int | None = Field(default=None, ge=1, description="Torch threads in each worker (None: its CPUs).")
     storage_path: str | None = Field(default=None, description="Ray Train/Tune storage; None: WORKDIR/ray. Shared storage on a cluster.")
     max_failures: int = Field(default=0, ge=0, description="Restarts of a failed training run from its last checkpoint.")
@@ -139,6 +145,23 @@ class EvaluateConfig(Strict):
     threads: int | None = Field(default=None, ge=1, description="Torch threads when timing (None: all cores).")
 
 
+class SearchConfig(Strict):
+    """Ray Tune settings; the search space itself lives in tune_spaces/<method>.yaml."""
+
+    samples: int = Field(default=8, ge=1)
+    scheduler: Literal["asha", "fifo"] = "asha"
+    search: Literal["random", "optuna"] = "random"
+    trial_mode: Literal["in_process", "nested"] = Field(
+        default="in_process",
+        description="in_process: a single-worker trial trains in the Tune trial itself (no ~25 s TorchTrainer start); "
+        "nested: each trial builds and fits a TorchTrainer (multi-worker trials, GPUs per trial).",
+    )
+    max_concurrent_trials: int = Field(default=1, ge=1)
+    cpus_per_trial: float = Field(default=1.0, gt=0)
+    grace_period: int = Field(default=1, ge=1, description="ASHA: epochs every trial gets before it may be stopped.")
+    registry_name: str | None = Field(default=None, description="Registered model name; None: <experiment>-<method>.")
+
+
 class Experiment(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     workdir: Path = Field(default=Path("runs/default"), validate_default=True)
@@ -150,6 +173,7 @@ class Experiment(Strict):
     ray: RayConfig = Field(default_factory=RayConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    tune: SearchConfig = Field(default_factory=SearchConfig)
 
     @field_validator("workdir")
     @classmethod
@@ -226,7 +250,7 @@ def _field_path(loc: tuple) -> str:
     for i, item in enumerate(loc):
         if isinstance(item, int):
             parts.append(f"[{item}]")
-        elif i > 0 and loc[i - 1] != "students" and isinstance(loc[i - 1], int) and item in METHODS:
+        elif item in METHODS and (i == 0 or isinstance(loc[i - 1], int)):
             continue  # the discriminated-union tag pydantic inserts; the user never wrote it
         else:
             parts.append(("." if parts else "") + str(item))

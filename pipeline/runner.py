@@ -18,6 +18,7 @@ from pipeline.ray_session import ensure_ray
 from pipeline.summary import build_summary, summary_table
 from pipeline.tracking import Tracker
 from stages import data, distill, evaluate, label, teacher
+from stages.student_training import STUDENT_DIR
 
 log = logging.getLogger(__name__)
 
@@ -65,40 +66,54 @@ class PipelineRunner:
         )
         return artifact
 
+    def start(self) -> Tracker:
+        """Check MLflow (fail fast, before any compute) and start or join Ray."""
+        self.exp.workdir.mkdir(parents=True, exist_ok=True)
+        self.tracker = Tracker(self.exp.tracking_uri, self.exp.experiment_name)
+        ensure_ray(self.exp.ray)
+        return self.tracker
+
     def run(self) -> dict:
-        exp = self.exp
-        exp.workdir.mkdir(parents=True, exist_ok=True)
-        self.tracker = Tracker(exp.tracking_uri, exp.experiment_name)  # fail fast, before any compute
-        ensure_ray(exp.ray)
-        with self.tracker.pipeline_run(exp.name, exp.model_dump(mode="json")):
+        self.start()
+        with self.tracker.pipeline_run(self.exp.name, self.exp.model_dump(mode="json")):
             return self._run_stages()
+
+    def prepare(self, methods: set[str]) -> dict[str, Artifact]:
+        """The stages every student shares: data, teacher, soft labels (when a method reads them) and the
+        teacher's evaluation."""
+        exp = self.exp
+        prepared = {"data": self.stage("data", "data", data.run, exp.task, {}, params=exp.task.model_dump(mode="json"))}
+        teacher_slice = {"teacher": exp.teacher, "labels": exp.task.num_labels, "seed": exp.seed, "workers": exp.ray.num_workers}
+        prepared["teacher"] = self.stage("teacher", "teacher", teacher.run, teacher_slice, {"data": prepared["data"]},
+                                         params=exp.teacher.model_dump(mode="json"))
+        if any(get_method(name).cached_signals for name in methods):
+            prepared["label"] = self.stage("label", "soft labels", label.run, {"max_length": exp.teacher.max_length},
+                                           {"data": prepared["data"], "teacher": prepared["teacher"]})
+        prepared["teacher_eval"] = self.stage("evaluate", "evaluate teacher", evaluate.run, exp.evaluate,
+                                              {"model": prepared["teacher"], "data": prepared["data"]})
+        return prepared
+
+    @staticmethod
+    def student_inputs(prepared: dict[str, Artifact], method: str) -> dict[str, Artifact]:
+        inputs = {"data": prepared["data"], "teacher": prepared["teacher"]}
+        if get_method(method).cached_signals:
+            inputs["label"] = prepared["label"]
+        return inputs
 
     def _run_stages(self) -> dict:
         exp = self.exp
-        task_slice = exp.task
-        data_art = self.stage("data", "data", data.run, task_slice, {}, params=exp.task.model_dump(mode="json"))
-        teacher_slice = {"teacher": exp.teacher, "labels": exp.task.num_labels, "seed": exp.seed, "workers": exp.ray.num_workers}
-        teacher_art = self.stage("teacher", "teacher", teacher.run, teacher_slice, {"data": data_art},
-                                 params=exp.teacher.model_dump(mode="json"))
-        needs_cached = any(get_method(s.method).cached_signals for s in exp.students)
-        label_art = None
-        if needs_cached:
-            label_art = self.stage("label", "soft labels", label.run, {"max_length": exp.teacher.max_length},
-                                   {"data": data_art, "teacher": teacher_art})
-        eval_slice = exp.evaluate
-        evaluations = {"teacher": self.stage(
-            "evaluate", "evaluate teacher", evaluate.run, eval_slice, {"model": teacher_art, "data": data_art})}
+        prepared = self.prepare({spec.method for spec in exp.students})
+        data_art, teacher_art, eval_slice = prepared["data"], prepared["teacher"], exp.evaluate
+        evaluations = {"teacher": prepared["teacher_eval"]}
         for spec in exp.students:
-            inputs = {"data": data_art, "teacher": teacher_art}
-            if get_method(spec.method).cached_signals:
-                inputs["label"] = label_art
+            inputs = self.student_inputs(prepared, spec.method)
             student_slice = {"spec": spec.model_dump(mode="json", exclude={"name"}), "max_length": exp.teacher.max_length,
                              "workers": exp.ray.num_workers}
             student_art = self.stage(
                 "distill", f"distill {spec.name} ({spec.method})",
                 lambda cfg, ins, ctx, out, spec=spec: distill.run(cfg, spec, ins, ctx, out),
                 student_slice, inputs, params=spec.model_dump(mode="json"), tags={"method": spec.method},
-                artifacts=lambda art: {"student": art.path / distill.STUDENT_DIR},
+                artifacts=lambda art: {"student": art.path / STUDENT_DIR},
             )
             evaluations[spec.name] = self.stage(
                 "evaluate", f"evaluate {spec.name}", evaluate.run, eval_slice, {"model": student_art, "data": data_art})

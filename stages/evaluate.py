@@ -3,23 +3,42 @@ teacher and every student, run as a Ray task."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import ray
+import torch
 
 from kd.batching import Collator, iterate_frame
 from kd.evaluation import evaluate_frame, measure_latency, size_on_disk
 from kd.students import count_parameters
-from stages.distill import STUDENT_DIR
+from stages.student_training import STUDENT_DIR
 from stages.models import load_classifier, load_tokenizer
 
 TEST_PREDICTIONS = "test_predictions.npy"
 
 
+def model_latency(model, collator: Collator, data_dir: str, batch_size: int, repeats: int, threads: int | None) -> dict:
+    """Latency on the first ``batch_size`` test sentences: the same inputs for the teacher and every student."""
+    test = pd.read_parquet(Path(data_dir) / "test.parquet")
+    rows = next(iterate_frame(test.head(batch_size), batch_size))
+    return measure_latency(model, collator.encode(rows), repeats=repeats, threads=threads)
+
+
+def student_latency(model_dir: str, data_dir: str, cfg) -> dict:
+    model = load_classifier(model_dir, cfg.task.num_labels)
+    collator = Collator(load_tokenizer(model_dir), cfg.teacher.max_length, regression=cfg.task.task_type == "regression")
+    timing = model_latency(model, collator, data_dir, cfg.evaluate.latency_batch_size, cfg.evaluate.latency_repeats,
+                           cfg.evaluate.threads)
+    return {**timing, "params": count_parameters(model)}
+
+
 def evaluate_model(model_dir: str, data_dir: str, num_labels: int, regression: bool, max_length: int,
                    batch_size: int, latency_batch_size: int, latency_repeats: int, threads: int | None) -> dict:
+    # Ray pins a task to one thread per reserved CPU; predicting 2k sentences on one thread wastes the node.
+    torch.set_num_threads(threads or os.cpu_count() or 1)
     model = load_classifier(model_dir, num_labels)
     collator = Collator(load_tokenizer(model_dir), max_length, regression=regression)
     result: dict = {}
@@ -28,9 +47,7 @@ def evaluate_model(model_dir: str, data_dir: str, num_labels: int, regression: b
         frame = pd.read_parquet(Path(data_dir) / f"{split}.parquet")
         result[split], logits = evaluate_frame(model, collator, frame, batch_size)
         predictions[split] = logits
-    test = pd.read_parquet(Path(data_dir) / "test.parquet")
-    timing_rows = next(iterate_frame(test.head(latency_batch_size), latency_batch_size))
-    timing = measure_latency(model, collator.encode(timing_rows), repeats=latency_repeats, threads=threads)
+    timing = model_latency(model, collator, data_dir, latency_batch_size, latency_repeats, threads)
     result.update(
         params=count_parameters(model),
         size_bytes=size_on_disk(model.save_pretrained),

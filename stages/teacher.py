@@ -9,7 +9,8 @@ from pathlib import Path
 
 from transformers import AutoModelForSequenceClassification
 
-from stages.distill import STUDENT_DIR, fit, train_job, worker_threads
+from stages.distill import fit, worker_threads
+from stages.student_training import STUDENT_DIR, train_job
 from stages.errors import StageError
 from stages.models import load_tokenizer, resolve_model_source
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -45,3 +46,21 @@ def ray_session():
         ray.init(num_cpus=2, runtime_env={"env_vars": WORKER_ENV})
     yield ray
     ray.shutdown()
+
+
+SMOKE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
+
+
+@pytest.fixture(scope="session")
+def smoke_pipeline(ray_session, tmp_path_factory):
+    """The smoke profile run once through local Ray; later tests reuse its cached stages."""
+    from rich.console import Console
+
+    from pipeline.config import load_experiment
+    from pipeline.runner import PipelineRunner
+
+    workdir = tmp_path_factory.mktemp("smoke")
+    exp = load_experiment(SMOKE_CONFIG, workdir=workdir)
+    runner = PipelineRunner(exp, Console(width=160))
+    summary = runner.run()
+    return exp, runner, summary

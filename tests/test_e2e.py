@@ -16,12 +16,8 @@ pytestmark = [pytest.mark.ray, pytest.mark.e2e, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def smoke_run(ray_session, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("smoke")
-    exp = load_experiment(SMOKE, workdir=workdir)
-    runner = PipelineRunner(exp, Console(width=160))
-    summary = runner.run()
-    return exp, runner, summary
+def smoke_run(smoke_pipeline):
+    return smoke_pipeline
 
 
 def test_summary_reports_teacher_and_students(smoke_run):

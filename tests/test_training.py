@@ -35,8 +35,17 @@ def test_student_copies_the_chosen_teacher_layers(tiny_teacher):
 
 
 def test_narrower_student_starts_random_with_its_own_width(tiny_teacher):
-    student = build_student(tiny_teacher, StudentShape(layers=2, hidden_size=8))
+    student = build_student(tiny_teacher, StudentShape(layers=2, hidden_size=8, init="random"))
     assert student.config.hidden_size == 8 and student.config.intermediate_size == 32
+
+
+@pytest.mark.parametrize("method_name, copied", [("kd", [2, 4]), ("distilbert", [1, 3]), ("pkd", [1, 2])])
+def test_unset_init_takes_the_method_default(tiny_teacher, method_name, copied):
+    student = get_method(method_name)().build_student(tiny_teacher, StudentShape(layers=2))
+    for student_index, teacher_layer in enumerate(copied):
+        got = student.bert.encoder.layer[student_index].state_dict()
+        want = tiny_teacher.bert.encoder.layer[teacher_layer - 1].state_dict()
+        assert all(torch.equal(got[k], want[k]) for k in want)
 
 
 def test_shape_refuses_mismatched_init_list():
@@ -45,7 +54,7 @@ def test_shape_refuses_mismatched_init_list():
 
 
 def test_student_saves_and_loads_with_auto_class(tiny_teacher, tiny_tokenizer, tmp_path):
-    student = build_student(tiny_teacher, StudentShape(layers=2))
+    student = build_student(tiny_teacher, StudentShape(layers=2, init="uniform"))
     student.save_pretrained(tmp_path)
     loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path)
     b = batch(tiny_tokenizer)
@@ -67,7 +76,7 @@ def test_distiller_lowers_the_loss(tiny_teacher, tiny_tokenizer, method_name, te
 
 def test_epoch_reports_every_n_steps_and_finishes_phase(tiny_teacher, tiny_tokenizer):
     method = get_method("kd")()
-    distiller = Distiller(method, build_student(tiny_teacher, StudentShape(layers=1)), None,
+    distiller = Distiller(method, build_student(tiny_teacher, StudentShape(layers=1, init="uniform")), None,
                           TrainSettings(epochs=1, report_every=2), 4)
     reports = []
     distiller.run_epoch([batch(tiny_tokenizer, with_teacher_logits=True)] * 4, reports.append)
@@ -77,7 +86,7 @@ def test_epoch_reports_every_n_steps_and_finishes_phase(tiny_teacher, tiny_token
 def test_state_round_trip_resumes_where_it_stopped(tiny_teacher, tiny_tokenizer, tmp_path):
     method = get_method("kd")()
     settings = TrainSettings(epochs=2)
-    first = Distiller(method, build_student(tiny_teacher, StudentShape(layers=1)), None, settings, 2)
+    first = Distiller(method, build_student(tiny_teacher, StudentShape(layers=1, init="uniform")), None, settings, 2)
     first.run_epoch([batch(tiny_tokenizer, with_teacher_logits=True)] * 2, lambda _: None)
     first.save_state(tmp_path)
     second = Distiller(method, build_student(tiny_teacher, StudentShape(layers=1, init="random")), None, settings, 2)

@@ -18,8 +18,9 @@ from transformers import PreTrainedModel
 
 from kd.students import StudentShape, build_student
 
-CACHED_SIGNALS = frozenset({"logits"})
+CACHED_SIGNALS = frozenset({"logits", "mlm_topk"})  # mlm_topk: the teacher's top-k masked-LM distribution per token
 ONLINE_SIGNALS = frozenset({"logits", "hidden_states", "attentions"})
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 class MethodParams(BaseModel):
@@ -64,8 +65,12 @@ class Method(ABC):
     def uses_teacher(self) -> bool:
         return bool(self.cached_signals or self.online_signals)
 
+    def resolve_shape(self, shape: StudentShape) -> StudentShape:
+        """The shape with ``init`` filled in by the method's default when the experiment leaves it out."""
+        return shape if shape.init is not None else shape.model_copy(update={"init": self.default_init})
+
     def build_student(self, teacher: PreTrainedModel, shape: StudentShape) -> nn.Module:
-        return build_student(teacher, shape)
+        return build_student(teacher, self.resolve_shape(shape))
 
     def auxiliary_modules(self, student: nn.Module, teacher: PreTrainedModel | None) -> nn.ModuleDict:
         """Extra modules trained with the student (projections) and dropped after training."""
@@ -73,6 +78,20 @@ class Method(ABC):
 
     def phases(self) -> list[Phase]:
         return [Phase("train")]
+
+    def student_forward(
+        self, student: nn.Module, batch: Mapping[str, torch.Tensor], auxiliary: nn.ModuleDict, phase: str
+    ) -> Any:
+        """The student's training-time call; its result is ``loss``'s ``student_out``.
+
+        Methods that change what the student reads (TextSmooth feeds inputs_embeds) override this; evaluation
+        always calls the student on plain ids.
+        """
+        return student(
+            **{k: batch[k] for k in MODEL_INPUTS if k in batch},
+            output_hidden_states="hidden_states" in self.student_outputs,
+            output_attentions="attentions" in self.student_outputs,
+        )
 
     @abstractmethod
     def loss(

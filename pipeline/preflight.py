@@ -1,0 +1,42 @@
+"""Checks that need the teacher's shape, done before any Ray work: a student deeper than the teacher, an init
+list or a layer mapping naming a layer the teacher does not have. Reading a config.json is cheap; a hub
+teacher's config is fetched once (and is cached by transformers)."""
+
+from __future__ import annotations
+
+from transformers import AutoConfig
+
+from kd.layer_maps import validate_matches
+from kd.methods import get_method
+from kd.students import copied_layers
+from pipeline.config import ConfigError, Experiment
+from stages.errors import StageError
+from stages.models import resolve_model_source
+
+
+def teacher_depth(exp: Experiment) -> int:
+    source = resolve_model_source(exp.teacher.source)
+    try:
+        return AutoConfig.from_pretrained(source).num_hidden_layers
+    except (OSError, ValueError) as error:
+        raise StageError(f"teacher.source {exp.teacher.source!r}: cannot read its config: {error}") from None
+
+
+def check_students_fit_teacher(exp: Experiment) -> None:
+    depth = teacher_depth(exp)
+    problems = []
+    for index, spec in enumerate(exp.students):
+        where = f"students[{index}] ({spec.name})"
+        layers = spec.student.layers
+        if layers > depth:
+            problems.append(f"{where}.student.layers: {layers} is deeper than the teacher's {depth} layers")
+            continue
+        method = get_method(spec.method)(spec.params)
+        try:
+            copied_layers(method.resolve_shape(spec.student), depth)
+            if hasattr(method, "layer_matches"):
+                validate_matches(method.layer_matches(depth, layers), depth, layers)
+        except ValueError as error:
+            problems.append(f"{where}: {error}")
+    if problems:
+        raise ConfigError("the students do not fit the teacher:\n" + "\n".join(f"  {p}" for p in problems))

@@ -1,0 +1,219 @@
+"""One student's training loop, shared by a Ray Train worker, an in-process Tune trial and the benchmarks.
+
+The loop talks to its surroundings through ``TrainIO``: where training rows and dev rows come from, where
+a restart resumes from, and where metrics and checkpoints go. ``RayTrainIO`` reads the worker's dataset shard
+and reports to Ray Train; ``LocalIO`` reads Parquet in the current process.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Iterable, Iterator, Mapping, Protocol
+
+import numpy as np
+import pandas as pd
+import torch
+
+from kd.batching import LABEL, Collator, iterate_frame, length_bucketed
+from kd.evaluation import predict_logits, task_metrics
+from kd.methods import get_method
+from kd.students import StudentShape
+from kd.training import Distiller, TrainSettings, phase_epochs
+from stages.models import load_classifier, load_tokenizer
+
+STUDENT_DIR = "student"
+HISTORY_FILE = "history.json"
+Rows = Mapping[str, np.ndarray]
+
+
+class TrainIO(Protocol):
+    rank: int
+    world: int
+
+    def epoch_chunks(self, rows_per_chunk: int) -> Iterable[Rows]: ...
+    def dev_rows(self, batch_size: int) -> Iterable[Rows]: ...
+    def restore(self) -> ContextManager[Path | None]: ...
+    def report(self, metrics: dict, directory: Path | None) -> None: ...
+    def wrap(self, module: torch.nn.Module, device: torch.device) -> torch.nn.Module: ...
+    def device(self) -> torch.device: ...
+
+
+class RayTrainIO:
+    """Inside a Ray Train worker: dataset shards, ``ray.train.report`` and the run's latest checkpoint."""
+
+    def __init__(self):
+        import ray.train
+
+        self._train = ray.train
+        context = ray.train.get_context()
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+
+    def epoch_chunks(self, rows_per_chunk: int) -> Iterable[Rows]:
+        return self._train.get_dataset_shard("train").iter_batches(
+            batch_size=rows_per_chunk, batch_format="numpy", local_shuffle_buffer_size=rows_per_chunk)
+
+    def dev_rows(self, batch_size: int) -> Iterable[Rows]:
+        return self._train.get_dataset_shard("dev").iter_batches(batch_size=batch_size, batch_format="numpy")
+
+    def restore(self) -> ContextManager[Path | None]:
+        checkpoint = self._train.get_checkpoint()
+        return _as_path(checkpoint.as_directory()) if checkpoint is not None else nullcontext(None)
+
+    def report(self, metrics: dict, directory: Path | None) -> None:
+        checkpoint = self._train.Checkpoint.from_directory(directory) if directory is not None else None
+        self._train.report(metrics, checkpoint=checkpoint)
+
+    def wrap(self, module, device):
+        import ray.train.torch
+
+        if self.world == 1:
+            return module.to(device)
+        # Phased methods freeze parts of the model (TinyBERT's intermediate phase leaves the classifier without
+        # a gradient), which DistributedDataParallel refuses unless told to look for unused parameters.
+        return ray.train.torch.prepare_model(module, parallel_strategy_kwargs={"find_unused_parameters": True})
+
+    def device(self) -> torch.device:
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+
+
+class LocalIO:
+    """In this process: Parquet read with pandas, shuffled per epoch; reports go to a callback."""
+
+    rank, world = 0, 1
+
+    def __init__(self, train_path: Path, dev_path: Path, seed: int,
+                 report: Callable[[dict, Path | None], None] = lambda metrics, directory: None,
+                 resume_from: Callable[[], ContextManager[Path | None]] = lambda: nullcontext(None)):
+        self.train = pd.read_parquet(train_path)
+        self.dev = pd.read_parquet(dev_path)
+        self.rng = np.random.default_rng(seed)
+        self._report = report
+        self._resume_from = resume_from
+
+    def epoch_chunks(self, rows_per_chunk: int) -> Iterator[Rows]:
+        shuffled = self.train.iloc[self.rng.permutation(len(self.train))]
+        return iterate_frame(shuffled, rows_per_chunk)
+
+    def dev_rows(self, batch_size: int) -> Iterator[Rows]:
+        return iterate_frame(self.dev, batch_size)
+
+    def restore(self) -> ContextManager[Path | None]:
+        return self._resume_from()
+
+    def report(self, metrics: dict, directory: Path | None) -> None:
+        self._report(metrics, directory)
+
+    def wrap(self, module, device):
+        return module.to(device)
+
+    def device(self) -> torch.device:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@contextmanager
+def _as_path(manager) -> Iterator[Path]:
+    with manager as directory:
+        yield Path(directory)
+
+
+def train_job(*, method: str, params: dict, shape: dict | None, settings: TrainSettings, teacher: str | None,
+              init_model: str | None, tokenizer: str, max_length: int, num_labels: int, regression: bool,
+              train_rows: int, torch_threads: int) -> dict[str, Any]:
+    """Everything a worker needs, as plain data so it crosses to Ray workers cheaply."""
+    return {
+        "method": method, "params": params, "shape": shape, "settings": settings.model_dump(), "teacher": teacher,
+        "init_model": init_model, "tokenizer": tokenizer, "max_length": max_length, "num_labels": num_labels,
+        "regression": regression, "train_rows": train_rows, "torch_threads": torch_threads,
+    }
+
+
+def dev_metrics(model: torch.nn.Module, collator: Collator, io: TrainIO, regression: bool, batch_size: int) -> dict:
+    labels, encoded = [], []
+    for rows in io.dev_rows(batch_size):
+        labels.append(np.asarray(rows[LABEL]))
+        encoded.append(collator.encode(rows))
+    return task_metrics(predict_logits(model, encoded), np.concatenate(labels), regression)
+
+
+def build_distiller(job: dict[str, Any], io: TrainIO) -> tuple[Distiller, Collator]:
+    method = get_method(job["method"])(job["params"])
+    settings = TrainSettings.model_validate(job["settings"])
+    tokenizer = load_tokenizer(job["tokenizer"])
+    teacher = None
+    if job["teacher"] is not None:
+        teacher = load_classifier(job["teacher"], job["num_labels"], attentions="attentions" in method.online_signals)
+    if job["shape"] is None:
+        student = load_classifier(job["init_model"], job["num_labels"])
+    else:
+        student = method.build_student(teacher, StudentShape.model_validate(job["shape"]))
+    if "attentions" in method.student_outputs:
+        student.set_attn_implementation("eager")
+    if not method.needs_teacher_online:
+        teacher = None  # it was only needed to initialise the student; free its memory
+    steps = math.ceil(job["train_rows"] / io.world / settings.batch_size)
+    device = io.device()
+    distiller = Distiller(method, student, teacher, settings, steps, device,
+                          wrap=lambda module: io.wrap(module, device))
+    return distiller, Collator(tokenizer, job["max_length"], regression=job["regression"])
+
+
+def _print_progress(distiller: Distiller, metrics: dict) -> None:
+    phase = distiller.phases[distiller.progress.phase_index]
+    within = distiller.progress.global_step - distiller.progress.epoch_start_step
+    print(f"[{phase.name}] epoch {distiller.progress.epoch + 1}/{phase_epochs(phase, distiller.settings)} "
+          f"step {within}/{distiller.steps_per_epoch} loss {metrics.get('loss/total', float('nan')):.4f}", flush=True)
+
+
+def save_checkpoint(distiller: Distiller, collator: Collator, directory: Path) -> None:
+    """Resumable trainer state plus the student as it stands, loadable by ``from_pretrained``."""
+    distiller.save_state(directory)
+    distiller.student.save_pretrained(directory / STUDENT_DIR)
+    collator.tokenizer.save_pretrained(directory / STUDENT_DIR)
+    (directory / HISTORY_FILE).write_text(json.dumps(distiller.progress.history))
+
+
+def train_student(job: dict[str, Any], io: TrainIO, verbose: bool = True) -> Distiller:
+    """Train every phase of the job's method, reporting dev metrics and a checkpoint after each epoch."""
+    torch.set_num_threads(job["torch_threads"])
+    torch.manual_seed(job["settings"]["seed"])
+    distiller, collator = build_distiller(job, io)
+    settings = distiller.settings
+    with io.restore() as directory:
+        if directory is not None:
+            distiller.load_state(directory)
+            distiller.progress.history = json.loads((directory / HISTORY_FILE).read_text())
+    rank0 = io.rank == 0
+    rng = np.random.default_rng(settings.seed + io.rank)
+    fault_step = int(os.environ.get("KD_FAULT_AT_STEP", "0"))  # fault injection for the fault-tolerance test
+    resumed = distiller.progress.global_step > 0
+
+    def on_progress(metrics: dict) -> None:
+        distiller.progress.history.append(metrics)
+        if rank0 and verbose:
+            _print_progress(distiller, metrics)
+
+    while not distiller.finished:
+        phase = distiller.phases[distiller.progress.phase_index].name
+        chunks = io.epoch_chunks(settings.batch_size * settings.bucket_batches)
+        batches = (collator(rows) for rows in length_bucketed(chunks, settings.batch_size, rng))
+        losses = distiller.run_epoch(batches, on_progress)
+        if fault_step and not resumed and distiller.progress.global_step >= fault_step and rank0:
+            os._exit(1)
+        dev = dev_metrics(distiller.student, collator, io, job["regression"], settings.batch_size * 2)
+        epochs_done = sum(1 for record in distiller.progress.history if "dev" in record) + 1
+        distiller.progress.history.append({"phase": phase, "epoch": epochs_done, "step": distiller.progress.global_step,
+                                           **losses, "dev": dev})
+        metrics = {"epoch": epochs_done, "step": distiller.progress.global_step, **losses,
+                   **{f"dev_{name}": value for name, value in dev.items()}}
+        with tempfile.TemporaryDirectory() as scratch:
+            if rank0:
+                save_checkpoint(distiller, collator, Path(scratch))
+            io.report(metrics, Path(scratch) if rank0 else None)
+    return distiller
