@@ -50,6 +50,8 @@ def _fail(error: Exception) -> None:
 
 @app.command()
 def run(config: Path = ConfigArg, set_: Optional[list[str]] = SetOption, workdir: Optional[Path] = WorkdirOption,
+        seeds: int = typer.Option(1, "--seeds", min=1, help="Train every student this many times (train.seed + i); "
+                                  "the report gives mean ± std and flags differences within the spread."),
         verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at INFO level.")) -> None:
     """Run every stage of an experiment: data, teacher, soft labels, distillation, evaluation."""
     from pipeline.runner import PipelineRunner
@@ -59,7 +61,7 @@ def run(config: Path = ConfigArg, set_: Optional[list[str]] = SetOption, workdir
     exp = _load(config, set_, workdir)
     _preflight(exp)
     try:
-        PipelineRunner(exp, console).run()
+        PipelineRunner(exp, console, seeds=seeds).run()
     except StageError as error:
         _fail(error)
 
@@ -113,6 +115,21 @@ def promote(name: str = typer.Argument(..., help="Registered model name."),
     except MlflowException as error:
         _fail(error.message)
     console.print(f"{name}@{alias} → version {version}")
+
+
+@app.command()
+def report(workdir: Path = typer.Argument(..., help="A run's workdir (holds summary.json).")) -> None:
+    """Write WORKDIR/report.md and its plots from a finished run (pipeline run writes them too)."""
+    from pipeline.report import report_table
+    from pipeline.summary import load_summaries, write_workdir_report
+
+    try:
+        summaries = load_summaries(workdir.resolve())
+    except FileNotFoundError as error:
+        _fail(error)
+    paths = write_workdir_report(workdir.resolve(), summaries)
+    console.print(report_table(summaries))
+    console.print(f"report: {paths.markdown}")
 
 
 @app.command()

@@ -15,7 +15,7 @@ from kd.methods import get_method
 from pipeline.artifacts import Artifact, ArtifactStore, content_key, write_result
 from pipeline.config import Experiment
 from pipeline.ray_session import ensure_ray
-from pipeline.summary import build_summary, summary_table
+from pipeline.summary import SEED_SUMMARIES, SUMMARY_FILE, build_summary, summary_table, write_workdir_report
 from pipeline.tracking import Tracker
 from stages import data, distill, evaluate, label, teacher
 from stages.student_training import STUDENT_DIR
@@ -33,8 +33,9 @@ class StageContext:
 
 
 class PipelineRunner:
-    def __init__(self, exp: Experiment, console: Console | None = None):
+    def __init__(self, exp: Experiment, console: Console | None = None, seeds: int = 1):
         self.exp = exp
+        self.seeds = seeds
         self.console = console or Console()
         self.store = ArtifactStore(exp.workdir / "artifacts")
         self.tracker: Tracker | None = None
@@ -100,33 +101,48 @@ class PipelineRunner:
             inputs["label"] = prepared["label"]
         return inputs
 
-    def _run_stages(self) -> dict:
+    def _run_students(self, prepared: dict[str, Artifact], seed_offset: int) -> dict:
+        """Distil and evaluate every student once, with its train seed shifted by ``seed_offset``."""
         exp = self.exp
-        prepared = self.prepare({spec.method for spec in exp.students})
-        data_art, teacher_art, eval_slice = prepared["data"], prepared["teacher"], exp.evaluate
-        evaluations = {"teacher": prepared["teacher_eval"]}
+        evaluations, distills = {"teacher": prepared["teacher_eval"]}, {}
+        suffix = f" seed+{seed_offset}" if seed_offset else ""
         for spec in exp.students:
+            if seed_offset:
+                spec = spec.model_copy(update={"train": spec.train.model_copy(update={"seed": spec.train.seed + seed_offset})})
             inputs = self.student_inputs(prepared, spec.method)
             student_slice = {"spec": spec.model_dump(mode="json", exclude={"name"}), "max_length": exp.teacher.max_length,
                              "workers": exp.ray.num_workers}
-            student_art = self.stage(
-                "distill", f"distill {spec.name} ({spec.method})",
+            distills[spec.name] = self.stage(
+                "distill", f"distill {spec.name} ({spec.method}){suffix}",
                 lambda cfg, ins, ctx, out, spec=spec: distill.run(cfg, spec, ins, ctx, out),
                 student_slice, inputs, params=spec.model_dump(mode="json"), tags={"method": spec.method},
                 artifacts=lambda art: {"student": art.path / STUDENT_DIR},
             )
             evaluations[spec.name] = self.stage(
-                "evaluate", f"evaluate {spec.name}", evaluate.run, eval_slice, {"model": student_art, "data": data_art})
-        summary = build_summary(self.exp, {k: v.result() for k, v in evaluations.items()},
-                                teacher_art.result())
-        path = exp.workdir / "summary.json"
-        path.write_text(json.dumps(summary, indent=2))
+                "evaluate", f"evaluate {spec.name}{suffix}", evaluate.run, exp.evaluate,
+                {"model": distills[spec.name], "data": prepared["data"]})
+        return build_summary(exp, evaluations, distills, prepared)
+
+    def _run_stages(self) -> dict:
         import mlflow
 
+        exp = self.exp
+        prepared = self.prepare({spec.method for spec in exp.students})
+        summaries = [self._run_students(prepared, offset) for offset in range(self.seeds)]
+        summary = summaries[0]
+        path = exp.workdir / SUMMARY_FILE
+        path.write_text(json.dumps(summary, indent=2))
+        per_seed = exp.workdir / SEED_SUMMARIES
+        per_seed.mkdir(exist_ok=True)
+        for offset, seed_summary in enumerate(summaries):
+            (per_seed / f"seed-{offset}.json").write_text(json.dumps(seed_summary, indent=2))
         mlflow.log_artifact(str(path))
         mlflow.log_metrics({f"{name}.dev_{metric}": value for name, s in summary["students"].items()
                             for metric, value in s["dev"].items()})
         self.console.print(summary_table(summary))
+        paths = write_workdir_report(exp.workdir, summaries)
+        for report_file in (paths.markdown, paths.pareto_png, paths.cost_png):
+            mlflow.log_artifact(str(report_file), "report")
         verdict = "nothing recomputed" if self.counts["ran"] == 0 else f"{self.counts['ran']} stage(s) ran"
-        self.console.print(f"{verdict}, {self.counts['cached']} cached. Summary: {path}")
+        self.console.print(f"{verdict}, {self.counts['cached']} cached. Summary: {path}; report: {paths.markdown}")
         return summary

@@ -1,23 +1,42 @@
-"""summary.json and its terminal table: each student against the teacher."""
+"""summary.json, its terminal table, and the inputs of the distillation report read back from a workdir."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
 from rich.table import Table
 
+from kd.methods import get_method
+from pipeline.report import ReportPaths, training_cost, write_report
+from stages.evaluate import TEST_PREDICTIONS
+
 SIZE_FIELDS = ("params", "size_bytes", "latency_ms", "throughput")
+SUMMARY_FILE = "summary.json"
+SEED_SUMMARIES = "summaries"
 
 
 def primary_metric(regression: bool) -> str:
     return "pearson" if regression else "accuracy"
 
 
-def build_summary(exp, evaluations: dict[str, dict], teacher_result: dict) -> dict:
-    teacher_eval = evaluations["teacher"]
-    teacher = {"source": exp.teacher.source, "fine_tuned": teacher_result.get("fine_tuned", False),
+def teacher_signals(method_name: str) -> str:
+    method = get_method(method_name)
+    return "online" if method.online_signals else "cached" if method.cached_signals else "none"
+
+
+def build_summary(exp, evaluations: dict, distills: dict, prepared: dict) -> dict:
+    """``evaluations`` and ``distills``: stage artifacts by student name (evaluations also has the teacher)."""
+    teacher_eval = evaluations["teacher"].result()
+    teacher = {"source": exp.teacher.source, "fine_tuned": prepared["teacher"].result().get("fine_tuned", False),
                "dev": teacher_eval["dev"], "test": teacher_eval["test"], **{k: teacher_eval[k] for k in SIZE_FIELDS}}
+    train_rows = prepared["data"].result()["rows"]["train"]
     students = {}
     for spec in exp.students:
-        result = evaluations[spec.name]
+        result = evaluations[spec.name].result()
+        epochs = [h for h in distills[spec.name].result().get("history", []) if "dev" in h]
         students[spec.name] = {
             "method": spec.method,
             "layers": spec.student.layers,
@@ -27,23 +46,51 @@ def build_summary(exp, evaluations: dict[str, dict], teacher_result: dict) -> di
             **{k: result[k] for k in SIZE_FIELDS},
             "compression": teacher["params"] / result["params"],
             "speedup": teacher["latency_ms"] / result["latency_ms"],
+            "teacher_signals": teacher_signals(spec.method),
+            "epochs": len(epochs),
+            "epoch_seconds": float(np.mean([h["epoch_seconds"] for h in epochs])) if epochs else None,
+            "train_rows": train_rows,
+            "evaluate_dir": str(evaluations[spec.name].path),
         }
     return {"experiment": exp.name, "metric": primary_metric(exp.task.task_type == "regression"),
-            "teacher": teacher, "students": students}
+            "data_dir": str(prepared["data"].path), "teacher": teacher, "students": students}
 
 
 def summary_table(summary: dict) -> Table:
     metric = summary["metric"]
     table = Table(title=f"{summary['experiment']}: students against the teacher ({metric})")
     for column in ("model", "method", "layers", "params", "compression", f"dev {metric}", f"test {metric}",
-                   "latency ms", "speedup"):
+                   "latency ms", "speedup", "s/epoch"):
         table.add_column(column, justify="left" if column in ("model", "method") else "right")
     teacher = summary["teacher"]
     table.add_row("teacher", "-", "-", f"{teacher['params'] / 1e6:.1f}M", "1.0×", f"{teacher['dev'][metric]:.4f}",
-                  f"{teacher['test'][metric]:.4f}", f"{teacher['latency_ms']:.1f}", "1.0×", style="bold")
+                  f"{teacher['test'][metric]:.4f}", f"{teacher['latency_ms']:.1f}", "1.0×", "-", style="bold")
     rows = sorted(summary["students"].items(), key=lambda item: -item[1]["dev"][metric])
     for name, s in rows:
         table.add_row(name, s["method"], str(s["layers"]), f"{s['params'] / 1e6:.1f}M", f"{s['compression']:.1f}×",
                       f"{s['dev'][metric]:.4f}", f"{s['test'][metric]:.4f}", f"{s['latency_ms']:.1f}",
-                      f"{s['speedup']:.1f}×")
+                      f"{s['speedup']:.1f}×", f"{s['epoch_seconds']:.0f}" if s.get("epoch_seconds") else "-")
     return table
+
+
+def load_summaries(workdir: Path) -> list[dict]:
+    """Per-seed summaries of a run (``summaries/seed-N.json``), or its single ``summary.json``."""
+    per_seed = sorted((workdir / SEED_SUMMARIES).glob("seed-*.json"), key=lambda p: int(p.stem.split("-")[1]))
+    paths = per_seed or [workdir / SUMMARY_FILE]
+    if not paths[0].exists():
+        raise FileNotFoundError(f"{workdir} holds no {SUMMARY_FILE}: run `python -m pipeline run` first")
+    return [json.loads(path.read_text()) for path in paths]
+
+
+def write_workdir_report(workdir: Path, summaries: list[dict]) -> ReportPaths:
+    """Collect predictions, labels and training costs named by the summaries, and write the report."""
+    first = summaries[0]
+    test_labels = pd.read_parquet(Path(first["data_dir"]) / "test.parquet")["label"].to_numpy()
+    predictions = {name: [np.load(Path(s["students"][name]["evaluate_dir"]) / TEST_PREDICTIONS) for s in summaries]
+                   for name in first["students"]}
+    training = {}
+    for name, student in first["students"].items():
+        seconds = [s["students"][name]["epoch_seconds"] for s in summaries if s["students"][name]["epoch_seconds"]]
+        training[name] = training_cost(float(np.mean(seconds)) if seconds else 0.0, student["train_rows"],
+                                       student["epochs"], student["teacher_signals"])
+    return write_report(workdir, summaries, predictions, test_labels, training)

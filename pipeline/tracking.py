@@ -22,6 +22,11 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): value}
 
 
+def metric_name(key: str) -> str:
+    """MLflow-friendly curve names: ``loss/total`` → ``loss_total``, ``dev.accuracy`` → ``dev_accuracy``."""
+    return key.replace("/", "_").replace(".", "_")
+
+
 def numeric_leaves(value: Any) -> dict[str, float]:
     return {k: float(v) for k, v in flatten(value).items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and k}
@@ -58,8 +63,7 @@ class Tracker:
                 mlflow.log_metrics({k.replace("@", "_"): v for k, v in metrics.items()})
             for record in history or []:
                 step = int(record.get("step", 0))
-                mlflow.log_metrics({k.replace("/", "_"): v for k, v in numeric_leaves(record).items() if k != "step"},
-                                   step=step)
+                mlflow.log_metrics({metric_name(k): v for k, v in numeric_leaves(record).items() if k != "step"}, step=step)
             for artifact_path, local in (artifacts or {}).items():
                 if local.is_dir():
                     mlflow.log_artifacts(str(local), artifact_path)

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import tempfile
+import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterable, Iterator, Mapping, Protocol
@@ -203,15 +204,17 @@ def train_student(job: dict[str, Any], io: TrainIO, verbose: bool = True) -> Dis
         phase = distiller.phases[distiller.progress.phase_index].name
         chunks = io.epoch_chunks(settings.batch_size * settings.bucket_batches)
         batches = (collator(rows) for rows in length_bucketed(chunks, settings.batch_size, rng))
+        started = time.perf_counter()
         losses = distiller.run_epoch(batches, on_progress)
+        epoch_seconds = time.perf_counter() - started
         if fault_step and not resumed and distiller.progress.global_step >= fault_step and rank0:
             os._exit(1)
         dev = dev_metrics(distiller.student, collator, io, job["regression"], settings.batch_size * 2)
         epochs_done = sum(1 for record in distiller.progress.history if "dev" in record) + 1
         distiller.progress.history.append({"phase": phase, "epoch": epochs_done, "step": distiller.progress.global_step,
-                                           **losses, "dev": dev})
-        metrics = {"epoch": epochs_done, "step": distiller.progress.global_step, **losses,
-                   **{f"dev_{name}": value for name, value in dev.items()}}
+                                           "epoch_seconds": epoch_seconds, **losses, "dev": dev})
+        metrics = {"epoch": epochs_done, "step": distiller.progress.global_step, "epoch_seconds": epoch_seconds,
+                   **losses, **{f"dev_{name}": value for name, value in dev.items()}}
         with tempfile.TemporaryDirectory() as scratch:
             if rank0:
                 save_checkpoint(distiller, collator, Path(scratch))

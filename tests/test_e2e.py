@@ -34,6 +34,20 @@ def test_summary_reports_teacher_and_students(smoke_run):
     assert summary["students"]["kd_2L"]["method"] == "kd"
 
 
+def test_report_is_written_and_logged(smoke_run):
+    exp, _, summary = smoke_run
+    report = (exp.workdir / "report.md").read_text()
+    assert "| kd_2L | kd | 2 |" in report and "McNemar" in report
+    assert (exp.workdir / "report_pareto.png").stat().st_size > 1000
+    assert summary["students"]["kd_2L"]["epoch_seconds"] > 0
+    assert summary["students"]["kd_2L"]["teacher_signals"] == "cached"
+    mlflow.set_tracking_uri(exp.tracking_uri)
+    parent = [r for r in mlflow.search_runs(experiment_names=[exp.experiment_name], output_format="list")
+              if r.info.run_name == "smoke"][0]
+    assert {"report/report.md", "report/report_pareto.png"} <= {
+        a.path for a in mlflow.MlflowClient().list_artifacts(parent.info.run_id, "report")}
+
+
 def test_students_load_with_auto_classes(smoke_run):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 

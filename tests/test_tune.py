@@ -79,13 +79,14 @@ def test_interrupted_search_resumes_without_duplicates(smoke_pipeline, ray_sessi
     for assignment in overrides:
         command += ["--set", assignment]
     searched = load_experiment(SMOKE_CONFIG, overrides, workdir=exp.workdir)
+    tune_root = exp.workdir / "tune"
+    earlier_searches = set(tune_root.glob("kd-*"))
     first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
-    tune_root = exp.workdir / "tune"
     while time.time() < deadline and first.poll() is None:
-        finished = [p for p in tune_root.glob("kd-*/*/result.json") if p.read_text().strip()] if tune_root.exists() else []
-        if finished:
-            break
+        searches = set(tune_root.glob("kd-*")) - earlier_searches
+        if any(path.read_text().strip() for search in searches for path in search.glob("*/result.json")):
+            break  # this search has finished at least one epoch of one trial: stop it hard now
         time.sleep(1)
     assert first.poll() is None, "the search ended before it could be interrupted"
     os.killpg(first.pid, signal.SIGKILL)

@@ -1,0 +1,55 @@
+"""FastBERT (Liu et al., 2020): self-distillation of per-layer classifier branches from the model's own final one."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from transformers import PreTrainedModel
+
+from kd.fastbert import FastBertForSequenceClassification, fastbert_from
+from kd.losses import kl_divergence
+from kd.methods.base import MODEL_INPUTS, Method, MethodParams, register_method
+from kd.students import StudentShape
+
+
+class FastBertParams(MethodParams):
+    temperature: float = Field(default=1.0, gt=0, description="Softmax temperature T of both distributions.")
+    branch_hidden_size: int = Field(default=128, ge=1, description="Hidden width of each branch's MLP (paper: 128).")
+
+
+@register_method
+class FastBert(Method):
+    """L = Σ_{i=1}^{L−1} T² · KL(softmax(z_L/T) ‖ softmax(z_i/T)), z_i the logits of the branch after layer i and
+    z_L the final classifier's.
+
+    The teacher is the model's own final classifier, so no external teacher signal is read (cached and online
+    signals are empty). The backbone and the final classifier are frozen: only the branches are trained, the
+    model's full-depth predictions stay exactly those of the fine-tuned model it wraps, and the branches can learn
+    from unlabelled text. ``build_student`` wraps the given fine-tuned model (the pipeline's ``teacher`` argument:
+    the teacher itself or an already distilled student) at its own depth and width.
+    """
+
+    name = "fastbert"
+    Params = FastBertParams
+
+    def build_student(self, teacher: PreTrainedModel, shape: StudentShape) -> FastBertForSequenceClassification:
+        depth, width = teacher.config.num_hidden_layers, teacher.config.hidden_size
+        if shape.layers != depth or shape.hidden_size not in (None, width):
+            raise ValueError(
+                f"fastbert adds branches to a fine-tuned model and keeps its shape: ask for layers={depth} and no "
+                f"other hidden_size (got layers={shape.layers}, hidden_size={shape.hidden_size}); to speed up a "
+                "smaller student, wrap that student"
+            )
+        student = fastbert_from(teacher, self.params.branch_hidden_size)
+        student.freeze_backbone()
+        return student
+
+    def student_forward(self, student, batch, auxiliary, phase):
+        return student(**{k: batch[k] for k in MODEL_INPUTS if k in batch}, output_branch_logits=True)
+
+    def loss(self, student_out, teacher_out, batch, auxiliary, phase):
+        # The final classifier is frozen, so its logits carry no gradient either way; detach says they are a target.
+        final = student_out.branch_logits[-1].detach()
+        kl = final.new_zeros(())
+        for branch in student_out.branch_logits[:-1]:
+            kl = kl + kl_divergence(branch, final, self.params.temperature)
+        return {"kl": kl, "total": kl}
