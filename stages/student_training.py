@@ -29,6 +29,7 @@ from stages.models import load_classifier, load_tokenizer
 
 STUDENT_DIR = "student"
 HISTORY_FILE = "history.json"
+FAULT_ENV = "KD_FAULT_AT_STEP"
 Rows = Mapping[str, np.ndarray]
 
 
@@ -132,6 +133,9 @@ def train_job(*, method: str, params: dict, shape: dict | None, settings: TrainS
         "method": method, "params": params, "shape": shape, "settings": settings.model_dump(), "teacher": teacher,
         "init_model": init_model, "tokenizer": tokenizer, "max_length": max_length, "num_labels": num_labels,
         "regression": regression, "train_rows": train_rows, "torch_threads": torch_threads,
+        # Fault injection for the fault-tolerance test: rank 0 exits after checkpointing the first epoch that
+        # reaches this step, once (a run restored from a checkpoint does not fail again). Read on the driver.
+        "fault_at_step": int(os.environ.get(FAULT_ENV, "0")),
     }
 
 
@@ -190,9 +194,10 @@ def train_student(job: dict[str, Any], io: TrainIO, verbose: bool = True) -> Dis
         if directory is not None:
             distiller.load_state(directory)
             distiller.progress.history = json.loads((directory / HISTORY_FILE).read_text())
+            distiller.progress.history.append({"event": "restored", "step": distiller.progress.global_step})
     rank0 = io.rank == 0
     rng = np.random.default_rng(settings.seed + io.rank)
-    fault_step = int(os.environ.get("KD_FAULT_AT_STEP", "0"))  # fault injection for the fault-tolerance test
+    fault_step = job.get("fault_at_step", 0)
     resumed = distiller.progress.global_step > 0
 
     def on_progress(metrics: dict) -> None:
@@ -207,8 +212,6 @@ def train_student(job: dict[str, Any], io: TrainIO, verbose: bool = True) -> Dis
         started = time.perf_counter()
         losses = distiller.run_epoch(batches, on_progress)
         epoch_seconds = time.perf_counter() - started
-        if fault_step and not resumed and distiller.progress.global_step >= fault_step and rank0:
-            os._exit(1)
         dev = dev_metrics(distiller.student, collator, io, job["regression"], settings.batch_size * 2)
         epochs_done = sum(1 for record in distiller.progress.history if "dev" in record) + 1
         distiller.progress.history.append({"phase": phase, "epoch": epochs_done, "step": distiller.progress.global_step,
@@ -219,4 +222,6 @@ def train_student(job: dict[str, Any], io: TrainIO, verbose: bool = True) -> Dis
             if rank0:
                 save_checkpoint(distiller, collator, Path(scratch))
             io.report(metrics, Path(scratch) if rank0 else None)
+        if fault_step and not resumed and distiller.progress.global_step >= fault_step and rank0:
+            os._exit(1)  # after the epoch's checkpoint, as a lost node would: no exception, no cleanup
     return distiller

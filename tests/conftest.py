@@ -22,6 +22,24 @@ def tiny_bert_config(**overrides) -> BertConfig:
     return BertConfig(**settings)
 
 
+def toy_batch(labels: bool = True) -> dict[str, torch.Tensor]:
+    """Four [CLS] w w w [SEP] rows over ids 5..13, rows 1 and 3 padded (id 0)."""
+    input_ids = torch.tensor([[2, 5, 6, 7, 3], [2, 8, 3, 0, 0], [2, 9, 10, 11, 3], [2, 12, 13, 3, 0]])
+    batch = {"input_ids": input_ids, "attention_mask": (input_ids != 0).long(), "token_type_ids": torch.zeros_like(input_ids)}
+    if labels:
+        batch["labels"] = torch.tensor([0, 1, 0, 1])
+    return batch
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tensors this small gain nothing from intra-op threads, and on a busy machine the hand-offs cost 100×."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture
 def tiny_teacher() -> BertForSequenceClassification:
     torch.manual_seed(0)

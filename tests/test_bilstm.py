@@ -19,13 +19,7 @@ PAIR_TYPES = torch.tensor([[0, 0, 0, 0, 1, 1, 0], [0, 0, 0, 1, 1, 1, 1]])
 PAIR_MASK = (PAIR_IDS != 0).long()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tensors this small gain nothing from intra-op threads; on a busy machine the hand-offs cost 100×."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_bilstm(pair=False, **overrides) -> BiLSTMForSequenceClassification:

@@ -6,6 +6,8 @@ import math
 import numpy as np
 import pytest
 import torch
+
+from conftest import toy_batch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForSequenceClassification
@@ -19,20 +21,8 @@ from kd.training import Distiller, TrainSettings
 LAYERS = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tensors this small gain nothing from intra-op threads; on a busy machine the hand-offs cost 100×."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-
-def toy_inputs():
-    """[CLS] w w w [SEP] rows; rows 1 and 3 padded."""
-    input_ids = torch.tensor([[2, 5, 6, 7, 3], [2, 8, 3, 0, 0], [2, 9, 10, 11, 3], [2, 12, 13, 3, 0]])
-    return {"input_ids": input_ids, "attention_mask": (input_ids != 0).long(),
-            "token_type_ids": torch.zeros_like(input_ids)}
 
 
 @pytest.fixture
@@ -133,7 +123,7 @@ def test_intermediate_speed_exits_exactly_the_samples_below_it(fast):
 # ---- the real model ---------------------------------------------------------------------------------------------
 
 def test_wrapping_keeps_the_fine_tuned_outputs(tiny_teacher, fast):
-    inputs = toy_inputs()
+    inputs = toy_batch(labels=False)
     out = fast(**inputs, output_hidden_states=True, output_branch_logits=True)
     reference = tiny_teacher.eval()(**inputs, output_hidden_states=True)
     assert torch.allclose(out.logits, reference.logits, atol=1e-6)
@@ -143,7 +133,7 @@ def test_wrapping_keeps_the_fine_tuned_outputs(tiny_teacher, fast):
 
 
 def test_adaptive_logits_are_the_exit_branch_logits(fast):
-    inputs = toy_inputs()
+    inputs = toy_batch(labels=False)
     branch_logits = fast(**inputs, output_branch_logits=True).branch_logits
     logits, exit_layer = fast.adaptive_forward(**inputs, speed=0.0)
     assert exit_layer.tolist() == [LAYERS] * 4 and torch.allclose(logits, branch_logits[-1], atol=1e-5)
@@ -162,7 +152,7 @@ def test_save_and_load_keep_the_branches(fast, tmp_path):
     assert isinstance(loaded, FastBertForSequenceClassification) and loaded.config.branch_hidden_size == 8
     for ours, theirs in zip(fast.state_dict().values(), loaded.state_dict().values()):
         assert torch.equal(ours, theirs)
-    inputs = toy_inputs()
+    inputs = toy_batch(labels=False)
     for ours, theirs in zip(fast(**inputs, output_branch_logits=True).branch_logits,
                             loaded(**inputs, output_branch_logits=True).branch_logits):
         assert torch.equal(ours, theirs)
@@ -185,7 +175,7 @@ def test_distiller_trains_only_the_branches(tiny_teacher):
     student = method.build_student(tiny_teacher, StudentShape(layers=LAYERS))
     before = {name: p.detach().clone() for name, p in student.named_parameters()}
     distiller = Distiller(method, student, None, TrainSettings(learning_rate=1e-2, warmup_ratio=0), steps_per_epoch=2)
-    losses = [distiller.step(toy_inputs())["total"] for _ in range(2)]
+    losses = [distiller.step(toy_batch(labels=False))["total"] for _ in range(2)]
     assert all(math.isfinite(loss) for loss in losses)
     for name, p in student.named_parameters():
         if name.startswith("branches."):
@@ -201,7 +191,7 @@ def test_build_student_keeps_the_model_shape(tiny_teacher):
 
 
 def test_speed_sweep_reports_accuracy_exits_and_latency(fast):
-    inputs = toy_inputs()
+    inputs = toy_batch(labels=False)
     batches = [{k: v[:2] for k, v in inputs.items()}, {k: v[2:] for k, v in inputs.items()}]
     labels = fast(**inputs).logits.argmax(-1)  # the full model's own predictions
     rows = speed_sweep(fast, batches, labels, [0.0, 1.0])

@@ -16,24 +16,13 @@ from kd.mobilebert import BottleneckBertConfig, BottleneckBertForSequenceClassif
 from kd.students import StudentShape
 from kd.training import Distiller, TrainSettings
 
-from conftest import tiny_bert_config
+from conftest import toy_batch, tiny_bert_config
 
 INTER, INTRA = 8, 24
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tensors this small gain nothing from intra-op threads; on a busy machine the hand-offs cost 100×."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-
-def toy_batch():
-    input_ids = torch.tensor([[2, 5, 6, 7, 3], [2, 8, 3, 0, 0], [2, 9, 10, 11, 3], [2, 12, 13, 3, 0]])
-    return {"input_ids": input_ids, "attention_mask": (input_ids != 0).long(),
-            "token_type_ids": torch.zeros_like(input_ids), "labels": torch.tensor([0, 1, 0, 1])}
 
 
 def bottleneck(layers=2, heads=3):

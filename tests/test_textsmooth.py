@@ -18,13 +18,7 @@ TOPK_IDS = torch.tensor([[[3, 4, 9], [7, 8, 1], [5, 6, 10], [0, 0, 0]]], dtype=t
 TOPK_PROBS = torch.tensor([[[0.3, 0.1, 0.1], [0.4, 0.2, 0.2], [0.5, 0.25, 0.25], [0.0, 0.0, 0.0]]], dtype=torch.float16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tensors this small gain nothing from intra-op threads; on a busy machine the hand-offs cost 100×."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_mixture_sums_to_one_and_matches_the_hand_computed_weights():
