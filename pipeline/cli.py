@@ -26,7 +26,7 @@ def _load(config: Path, overrides: Optional[list[str]], workdir: Optional[Path])
     try:
         return load_experiment(config, overrides or [], workdir)
     except ConfigError as error:
-        console.print(f"[red]error:[/red] {error}", highlight=False)
+        console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
         raise typer.Exit(2)
 
 
@@ -37,14 +37,14 @@ def _preflight(exp: Experiment) -> None:
     try:
         check_students_fit_teacher(exp)
     except ConfigError as error:
-        console.print(f"[red]error:[/red] {error}", highlight=False)
+        console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
         raise typer.Exit(2)
     except StageError as error:
         _fail(error)
 
 
 def _fail(error: Exception) -> None:
-    console.print(f"[red]error:[/red] {error}", highlight=False)
+    console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
     raise typer.Exit(1)
 
 
@@ -90,7 +90,7 @@ def tune(config: Path = ConfigArg,
     try:
         run_tune(exp, method, student, console)
     except ConfigError as error:
-        console.print(f"[red]error:[/red] {error}", highlight=False)
+        console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
         raise typer.Exit(2)
     except StageError as error:
         _fail(error)

@@ -68,10 +68,9 @@ class PipelineRunner:
         return artifact
 
     def start(self) -> Tracker:
-        """Check MLflow (fail fast, before any compute) and start or join Ray."""
+        """Check MLflow, failing fast before any compute. Ray starts later, once the data has been checked."""
         self.exp.workdir.mkdir(parents=True, exist_ok=True)
         self.tracker = Tracker(self.exp.tracking_uri, self.exp.experiment_name)
-        ensure_ray(self.exp.ray)
         return self.tracker
 
     def run(self) -> dict:
@@ -84,6 +83,7 @@ class PipelineRunner:
         teacher's evaluation."""
         exp = self.exp
         prepared = {"data": self.stage("data", "data", data.run, exp.task, {}, params=exp.task.model_dump(mode="json"))}
+        ensure_ray(exp.ray)
         teacher_slice = {"teacher": exp.teacher, "labels": exp.task.num_labels, "seed": exp.seed, "workers": exp.ray.num_workers}
         prepared["teacher"] = self.stage("teacher", "teacher", teacher.run, teacher_slice, {"data": prepared["data"]},
                                          params=exp.teacher.model_dump(mode="json"))

@@ -7,8 +7,10 @@ import logging
 import shutil
 from pathlib import Path
 
+import pandas as pd
 from transformers import AutoModelForSequenceClassification
 
+from kd.batching import TEXT_A, TEXT_B
 from stages.distill import fit, worker_threads
 from stages.student_training import STUDENT_DIR, train_job
 from stages.errors import StageError
@@ -29,9 +31,24 @@ def load_candidate(source: str, num_labels: int):
     return model, headed
 
 
+def count_truncated(tokenizer, data_dir: Path, max_length: int) -> dict[str, int]:
+    """Rows per split whose text (or text pair) is longer than ``max_length`` tokens and will be truncated."""
+    counts = {}
+    for split in ("train", "dev", "test"):
+        frame = pd.read_parquet(data_dir / f"{split}.parquet")
+        pairs = frame[TEXT_B].tolist() if TEXT_B in frame.columns else None
+        lengths = [len(ids) for ids in tokenizer(frame[TEXT_A].tolist(), pairs)["input_ids"]]
+        counts[split] = sum(length > max_length for length in lengths)
+    return counts
+
+
 def run(cfg, inputs, ctx, out: Path) -> dict:
     source = resolve_model_source(cfg.teacher.source)
     num_labels = cfg.task.num_labels
+    truncated = count_truncated(load_tokenizer(source), inputs["data"].path, cfg.teacher.max_length)
+    if any(truncated.values()):
+        log.warning("texts longer than teacher.max_length=%d tokens are truncated: %s",
+                    cfg.teacher.max_length, ", ".join(f"{n} in {split}" for split, n in truncated.items()))
     model, headed = load_candidate(source, num_labels)
     if cfg.teacher.finetune == "never" and not headed:
         raise StageError(f"teacher {cfg.teacher.source!r} has no {num_labels}-way classifier and teacher.finetune is 'never'")
@@ -41,7 +58,7 @@ def run(cfg, inputs, ctx, out: Path) -> dict:
     model.save_pretrained(initial)
     load_tokenizer(source).save_pretrained(initial)
     if not must_train:
-        return {"source": cfg.teacher.source, "fine_tuned": False}
+        return {"source": cfg.teacher.source, "fine_tuned": False, "truncated": truncated}
 
     log.info("teacher %s has no classifier for this task: fine-tuning it on Ray Train", cfg.teacher.source)
     data_dir = inputs["data"].path
@@ -53,4 +70,4 @@ def run(cfg, inputs, ctx, out: Path) -> dict:
     )
     outcome = fit(cfg, job, data_dir / "train.parquet", data_dir / "dev.parquet", f"{cfg.name}-teacher-{ctx.key}", out)
     shutil.rmtree(initial)
-    return {"source": cfg.teacher.source, "fine_tuned": True, **outcome}
+    return {"source": cfg.teacher.source, "fine_tuned": True, "truncated": truncated, **outcome}
