@@ -64,3 +64,9 @@ def test_missing_space_file_says_where_to_put_it(tmp_path):
 def test_unknown_top_level_field(tmp_path):
     with pytest.raises(ConfigError, match="unknown field"):
         load_space("kd", BASE, write(tmp_path, {"metrc": "x", "space": {"params.alpha": {"uniform": [0.1, 0.2]}}}))
+
+
+def test_every_registered_method_has_a_search_space():
+    from kd.methods import METHODS
+
+    assert set(METHODS) == {path.stem for path in SPACES_DIR.glob("*.yaml")}
