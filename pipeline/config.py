@@ -195,6 +195,11 @@ class Experiment(Strict):
         return self.mlflow.tracking_uri or f"sqlite:///{(self.workdir / 'mlflow.db').resolve()}"
 
     @property
+    def artifact_root(self) -> Path | None:
+        """MLflow artifacts of a file-backed tracking store live in the workdir; a server decides for itself."""
+        return None if self.tracking_uri.startswith(("http://", "https://", "databricks")) else self.workdir / "mlartifacts"
+
+    @property
     def experiment_name(self) -> str:
         return self.mlflow.experiment or self.name
 

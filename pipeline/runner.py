@@ -70,7 +70,7 @@ class PipelineRunner:
     def start(self) -> Tracker:
         """Check MLflow, failing fast before any compute. Ray starts later, once the data has been checked."""
         self.exp.workdir.mkdir(parents=True, exist_ok=True)
-        self.tracker = Tracker(self.exp.tracking_uri, self.exp.experiment_name)
+        self.tracker = Tracker(self.exp.tracking_uri, self.exp.experiment_name, self.exp.artifact_root)
         return self.tracker
 
     def run(self) -> dict:

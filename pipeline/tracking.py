@@ -33,14 +33,19 @@ def numeric_leaves(value: Any) -> dict[str, float]:
 
 
 class Tracker:
-    def __init__(self, tracking_uri: str, experiment: str):
+    def __init__(self, tracking_uri: str, experiment: str, artifact_root: Path | None = None):
+        """``artifact_root``: where a new experiment keeps its artifacts. Without it, MLflow puts the artifacts of
+        a sqlite-tracked experiment in ./mlruns of whatever folder the command ran from."""
         if tracking_uri.startswith("http"):
             # An unreachable server must fail now, not after an hour of compute spent on retries.
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         mlflow.set_tracking_uri(tracking_uri)
         try:
-            MlflowClient().search_experiments(max_results=1)
+            client = MlflowClient()
+            if client.get_experiment_by_name(experiment) is None:
+                client.create_experiment(experiment, artifact_location=artifact_root.resolve().as_uri()
+                                         if artifact_root is not None else None)
             self.experiment_id = mlflow.set_experiment(experiment).experiment_id
         except Exception as error:
             raise StageError(f"MLflow tracking at {tracking_uri} is unreachable: {type(error).__name__}: {error}") from None

@@ -72,6 +72,7 @@ def test_mlflow_has_parent_and_nested_stage_runs(smoke_run):
     distill = children["distill kd_2L (kd)"]
     assert distill.data.params["params.temperature"] == "4.0"
     assert "dev_accuracy" in distill.data.metrics
+    assert distill.info.artifact_uri.startswith((exp.workdir / "mlartifacts").as_uri())
     artifacts = mlflow.MlflowClient().list_artifacts(distill.info.run_id, "student")
     assert any(a.path.endswith("model.safetensors") for a in artifacts)
     assert "kd_2L.dev_accuracy" in parents[0].data.metrics
