@@ -8,7 +8,10 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from kd.textsmooth import MLM_TOPK_IDS, MLM_TOPK_PROBS, pad_topk
+
 TEXT_A, TEXT_B, LABEL, TEACHER_LOGITS = "text_a", "text_b", "label", "teacher_logits"
+NO_LABEL = -1  # an augmented row: the teacher labels it, it has no gold label
 
 
 def stack_column(values: Any) -> np.ndarray:
@@ -24,7 +27,8 @@ def as_strings(values: Any) -> list[str]:
 
 
 class Collator:
-    """Tokenise a batch with dynamic padding; carries gold labels and cached teacher logits through."""
+    """Tokenise a batch with dynamic padding; carries gold labels and cached teacher logits through, and pads
+    a cached masked-LM top-k (TextSmooth) to the batch's token length."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int, regression: bool = False):
         self.tokenizer = tokenizer
@@ -47,6 +51,10 @@ class Collator:
             batch["labels"] = torch.as_tensor(labels, dtype=torch.float32 if self.regression else torch.long)
         if TEACHER_LOGITS in rows:
             batch[TEACHER_LOGITS] = torch.as_tensor(stack_column(rows[TEACHER_LOGITS]), dtype=torch.float32)
+        if MLM_TOPK_IDS in rows:
+            lengths = batch["attention_mask"].sum(1).tolist()
+            batch[MLM_TOPK_IDS] = pad_topk(rows[MLM_TOPK_IDS], lengths, batch["input_ids"].shape[1])
+            batch[MLM_TOPK_PROBS] = pad_topk(rows[MLM_TOPK_PROBS], lengths, batch["input_ids"].shape[1])
         return batch
 
 

@@ -14,7 +14,7 @@ from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 from torch import nn
 
-from kd.batching import LABEL, Collator, iterate_frame
+from kd.batching import LABEL, TEXT_A, TEXT_B, Collator, iterate_frame
 from kd.training import MODEL_INPUTS
 
 
@@ -26,7 +26,15 @@ def predict_logits(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor
 
 
 def predict_frame(model: nn.Module, collator: Collator, frame, batch_size: int = 64) -> np.ndarray:
-    return predict_logits(model, (collator.encode(rows) for rows in iterate_frame(frame, batch_size)))
+    """Logits for every row, in the frame's order; computed in length-sorted batches, which pad far less."""
+    lengths = frame[TEXT_A].astype(str).str.len().to_numpy()
+    if TEXT_B in frame.columns:
+        lengths = lengths + frame[TEXT_B].astype(str).str.len().to_numpy()
+    order = np.argsort(lengths, kind="stable")
+    logits = predict_logits(model, (collator.encode(rows) for rows in iterate_frame(frame.iloc[order], batch_size)))
+    restored = np.empty_like(logits)
+    restored[order] = logits
+    return restored
 
 
 def task_metrics(logits: np.ndarray, labels: np.ndarray, regression: bool = False) -> dict[str, float]:

@@ -7,6 +7,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from kd.batching import NO_LABEL
+
 LossFn = Callable[..., torch.Tensor]
 LOSSES: dict[str, LossFn] = {}
 
@@ -50,7 +52,10 @@ def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tenso
 
 @register_loss("ce")
 def hard_cross_entropy(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(student_logits, labels)
+    """CE on gold labels, averaged over the rows that have one: augmented rows (``NO_LABEL``) are left out, and
+    a batch of augmented rows only gives 0 rather than the NaN of an empty mean."""
+    total = F.cross_entropy(student_logits, labels, ignore_index=NO_LABEL, reduction="sum")
+    return total / (labels != NO_LABEL).sum().clamp_min(1)
 
 
 @register_loss("mse")

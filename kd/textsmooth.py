@@ -8,6 +8,9 @@ probabilities and renormalised over those k ids. E is the student's word-embeddi
 
 from __future__ import annotations
 
+from typing import Any, Sequence
+
+import numpy as np
 import torch
 
 MLM_TOPK_IDS, MLM_TOPK_PROBS = "mlm_topk_ids", "mlm_topk_probs"
@@ -50,3 +53,22 @@ def smoothed_inputs_embeds(
     mix = (1 - lam) * has_mass.to(embedding_matrix.dtype)
     neighbours = torch.einsum("blk,blkh->blh", p_tilde, embedding_matrix[topk_ids.long()])
     return (1 - mix) * embedding_matrix[input_ids] + mix * neighbours
+
+
+def pad_topk(cells: Sequence[Any], lengths: Sequence[int], length: int) -> torch.Tensor:
+    """Stored per-row top-k ([L_i, k] each, as Parquet hands it back: a 2-D array or an array of k-vectors)
+    as one [B, length, k] tensor, right-padded with zeros in the stored dtype (int32 ids, float16 probabilities).
+
+    Zero probabilities mark padding as having no distribution (see ``_renormalised``). ``lengths`` are the
+    rows' token counts in this batch; a stored row of another length was computed with another tokenizer or
+    max_length, and its distributions would land on the wrong tokens, so it is refused.
+    """
+    rows = [np.stack([np.asarray(position) for position in cell]) for cell in cells]
+    for index, (row, tokens) in enumerate(zip(rows, lengths, strict=True)):
+        if len(row) != tokens:
+            raise ValueError(f"row {index}: the stored masked-LM top-k covers {len(row)} tokens but the row has "
+                             f"{tokens}; the top-k stage used another tokenizer or max_length")
+    out = np.zeros((len(rows), length, rows[0].shape[1]), dtype=rows[0].dtype)
+    for index, row in enumerate(rows):
+        out[index, : len(row)] = row
+    return torch.from_numpy(out)

@@ -13,7 +13,9 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
+from kd.augment import AugmentSettings
 from kd.methods import METHODS
+from kd.mlm import MlmSettings
 from kd.students import StudentShape
 from kd.training import TrainSettings
 
@@ -88,6 +90,9 @@ class TeacherConfig(Strict):
         default="auto", description="auto: fine-tune when the checkpoint has no classifier for this task."
     )
     train: TrainSettings = Field(default_factory=lambda: TrainSettings(epochs=2, learning_rate=5e-5))
+    mlm: MlmSettings | None = Field(
+        default=None, description="Masked-LM adaptation on the task's text, a second cached teacher (stage mlm_teacher) "
+        "that TextSmooth and augment.rule: tinybert read; None: off. It runs only when a student needs it.")
 
 
 class LabelConfig(Strict):
@@ -99,6 +104,18 @@ class LabelConfig(Strict):
         default=None, ge=1, description="Torch threads per actor (None: cpus_per_actor). More than the reserved CPUs "
         "lets a lone actor use a small machine's idle cores while Ray Data's read tasks keep a CPU to run on.")
     resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources per actor, e.g. {teacher_labeler: 1}.")
+    mlm_top_k: int = Field(default=16, ge=1, description="TextSmooth: the masked-LM ids kept per token (stage mlm_topk, "
+                           "run on the same actor pool settings).")
+
+
+class AugmentConfig(AugmentSettings):
+    """The transfer corpus (stage augment), built when a student trains on ``data: augmented``."""
+
+    rule: Literal["tang", "tinybert"] = Field(
+        default="tang", description="tang: mask / same-POS word / n-gram (p_mask, p_pos, p_ng, max_ngram); "
+        "tinybert: masked-LM candidates (mlm_p, mlm_k), which needs teacher.mlm.")
+    batch_size: int = Field(default=64, ge=1, description="Sentences per actor call.")
+    actors: int = Field(default=1, ge=1, description="Size of the augmenting actor pool.")
 
 
 class StudentBase(Strict):
@@ -106,6 +123,15 @@ class StudentBase(Strict):
     method: str
     student: StudentShape
     train: TrainSettings = Field(default_factory=TrainSettings)
+    data: Literal["task", "augmented"] | None = Field(
+        default=None, description="task: the train split; augmented: the train split plus its augmented copies "
+        "(see augment), labelled by the teacher. None: the method's default (bilstm: augmented, others: task).")
+
+    @model_validator(mode="after")
+    def _method_default_data(self) -> "StudentBase":
+        if self.data is None:
+            self.data = METHODS[self.method].default_data
+        return self
 
 
 def _student_variant(method_name: str) -> type[StudentBase]:
@@ -169,6 +195,7 @@ class Experiment(Strict):
     task: TaskConfig = Field(default_factory=TaskConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     label: LabelConfig = Field(default_factory=LabelConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
     students: list[StudentSpec] = Field(min_length=1)
     ray: RayConfig = Field(default_factory=RayConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
@@ -189,6 +216,27 @@ class Experiment(Strict):
                 raise ValueError(f"two students are named {spec.name!r}")
             seen.add(spec.name)
         return students
+
+    @model_validator(mode="after")
+    def _transfer_inputs_exist(self) -> "Experiment":
+        """The teacher signals and corpora the students ask for can be made from this experiment."""
+        problems = []
+        for index, spec in enumerate(self.students):
+            where, method = f"students[{index}] ({spec.name})", METHODS[spec.method]
+            if "mlm_topk" in method.cached_signals and self.teacher.mlm is None:
+                problems.append(f"{where}: {spec.method} reads the teacher's masked-LM distribution; set teacher.mlm")
+            if spec.data == "augmented" and not (method.cached_signals or method.online_signals):
+                problems.append(f"{where}: {spec.method} learns from gold labels only, which augmented rows do not "
+                                "have; use data: task")
+            if spec.data == "augmented" and self.task.task_type == "regression":
+                problems.append(f"{where}: data: augmented needs a classification task (augmented rows are marked "
+                                "by the label -1)")
+        if self.augment.rule == "tinybert" and self.teacher.mlm is None and any(
+                spec.data == "augmented" for spec in self.students):
+            problems.append("augment.rule: tinybert draws replacements from the masked-LM teacher; set teacher.mlm")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
     @property
     def tracking_uri(self) -> str:

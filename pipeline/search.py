@@ -17,7 +17,7 @@ from pipeline.config import ConfigError, Experiment
 from pipeline.pareto import pareto_front, plot_pareto
 from pipeline.runner import PipelineRunner
 from pipeline.search_space import load_space
-from stages import evaluate, register, tune as tune_stage
+from stages import register, tune as tune_stage
 
 SEARCH_FILE = "trials.json"
 
@@ -81,15 +81,16 @@ def run_tune(exp: Experiment, method: str, student: str | None = None, console: 
                                "trial_mode": exp.tune.trial_mode, "metric": metric, "base_student": base["name"]})
         else:
             console.print(f"[yellow]resuming[/yellow] search {search_dir.name} (MLflow run {parent_id})")
-        prepared = runner.prepare({method})
-        inputs = runner.student_inputs(prepared, method)
+        spec = next(spec for spec in exp.students if spec.name == base["name"])
+        prepared = runner.prepare([spec])
+        inputs = runner.student_inputs(prepared, spec)
         results, wall = tune_stage.run_search(exp, base, space, inputs, search_dir, parent.info.run_id,
                                               tracker.experiment_id)
         records = tune_stage.trial_records(results, metric)
         teacher_eval = prepared["teacher_eval"].result()
-        measure = ray.remote(num_cpus=1)(evaluate.student_latency)
-        timings = ray.get([measure.remote(r["student_dir"], str(prepared["data"].path), exp) if r["student_dir"]
-                           else ray.put(None) for r in records])
+        evaluator = runner.evaluator()
+        timings = ray.get([evaluator.latency.remote(r["student_dir"], str(prepared["data"].path), exp)
+                           if r["student_dir"] else ray.put(None) for r in records])
         for record, timing in zip(records, timings):
             record["method"] = method
             if timing:
@@ -100,10 +101,7 @@ def run_tune(exp: Experiment, method: str, student: str | None = None, console: 
         best = results.get_best_result(metric=metric, mode=space.mode)
         best_dir = tune_stage.student_dir_of(best)
         best_record = next(r for r in records if r["student_dir"] == str(best_dir))
-        evaluation, _ = ray.get(ray.remote(num_cpus=1)(evaluate.evaluate_model).remote(
-            str(best_dir), str(prepared["data"].path), exp.task.num_labels, exp.task.task_type == "regression",
-            exp.teacher.max_length, exp.evaluate.batch_size, exp.evaluate.latency_batch_size,
-            exp.evaluate.latency_repeats, exp.evaluate.threads))
+        evaluation, _ = ray.get(evaluator.evaluate.remote(str(best_dir), str(prepared["data"].path), exp))
         speedup = teacher_eval["latency_ms"] / evaluation["latency_ms"]
         mlflow.log_metrics({f"best_dev_{k}": v for k, v in evaluation["dev"].items()}
                            | {f"best_test_{k}": v for k, v in evaluation["test"].items()}

@@ -87,7 +87,7 @@ def student_job(cfg, spec, inputs) -> tuple[dict[str, Any], Path]:
         method=spec.method, params=spec.params.model_dump(), shape=spec.student.model_dump(), settings=spec.train,
         teacher=teacher_dir, init_model=None, tokenizer=teacher_dir, max_length=cfg.teacher.max_length,
         num_labels=cfg.task.num_labels, regression=cfg.task.task_type == "regression", train_rows=train_rows,
-        torch_threads=worker_threads(cfg),
+        train_path=str(train_source), torch_threads=worker_threads(cfg),
     )
     return job, train_source
 

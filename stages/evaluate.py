@@ -35,19 +35,18 @@ def student_latency(model_dir: str, data_dir: str, cfg) -> dict:
     return {**timing, "params": count_parameters(model)}
 
 
-def evaluate_model(model_dir: str, data_dir: str, num_labels: int, regression: bool, max_length: int,
-                   batch_size: int, latency_batch_size: int, latency_repeats: int, threads: int | None) -> dict:
-    # Ray pins a task to one thread per reserved CPU; predicting 2k sentences on one thread wastes the node.
-    torch.set_num_threads(threads or os.cpu_count() or 1)
-    model = load_classifier(model_dir, num_labels)
-    collator = Collator(load_tokenizer(model_dir), max_length, regression=regression)
+def evaluate_model(model_dir: str, data_dir: str, cfg) -> tuple[dict, np.ndarray]:
+    """Dev and test metrics, size and latency of a saved model; also its test logits (for paired tests)."""
+    regression = cfg.task.task_type == "regression"
+    model = load_classifier(model_dir, cfg.task.num_labels)
+    collator = Collator(load_tokenizer(model_dir), cfg.teacher.max_length, regression=regression)
     result: dict = {}
     predictions = {}
     for split in ("dev", "test"):
         frame = pd.read_parquet(Path(data_dir) / f"{split}.parquet")
-        result[split], logits = evaluate_frame(model, collator, frame, batch_size)
-        predictions[split] = logits
-    timing = model_latency(model, collator, data_dir, latency_batch_size, latency_repeats, threads)
+        result[split], predictions[split] = evaluate_frame(model, collator, frame, cfg.evaluate.batch_size)
+    timing = model_latency(model, collator, data_dir, cfg.evaluate.latency_batch_size, cfg.evaluate.latency_repeats,
+                           cfg.evaluate.threads)
     result.update(
         params=count_parameters(model),
         size_bytes=size_on_disk(model.save_pretrained),
@@ -58,12 +57,25 @@ def evaluate_model(model_dir: str, data_dir: str, num_labels: int, regression: b
     return result, predictions["test"]
 
 
+@ray.remote(num_cpus=0)
+class Evaluator:
+    """One warm process for every evaluation of a run: a fresh Ray task would import torch and transformers
+    again each time (about 8 s here). It reserves no CPU so that it never blocks training; evaluations run
+    between training stages, when the node is otherwise idle."""
+
+    def __init__(self, threads: int | None):
+        # Ray pins a worker to one thread per reserved CPU; predicting 2k sentences on one thread wastes the node.
+        torch.set_num_threads(threads or os.cpu_count() or 1)
+
+    def evaluate(self, model_dir: str, data_dir: str, cfg) -> tuple[dict, np.ndarray]:
+        return evaluate_model(model_dir, data_dir, cfg)
+
+    def latency(self, model_dir: str, data_dir: str, cfg) -> dict:
+        return student_latency(model_dir, data_dir, cfg)
+
+
 def run(cfg, inputs, ctx, out: Path) -> dict:
-    task = ray.remote(num_cpus=1)(evaluate_model)
-    result, test_logits = ray.get(task.remote(
-        str(inputs["model"].path / STUDENT_DIR), str(inputs["data"].path), cfg.task.num_labels,
-        cfg.task.task_type == "regression", cfg.teacher.max_length, cfg.evaluate.batch_size,
-        cfg.evaluate.latency_batch_size, cfg.evaluate.latency_repeats, cfg.evaluate.threads,
-    ))
+    result, test_logits = ray.get(ctx.evaluator().evaluate.remote(
+        str(inputs["model"].path / STUDENT_DIR), str(inputs["data"].path), cfg))
     np.save(out / TEST_PREDICTIONS, test_logits)
     return result

@@ -1,4 +1,5 @@
-"""Ray Data: the teacher's soft labels over the training split, streamed through an actor pool into Parquet."""
+"""Ray Data: the teacher's soft labels over the training split (or the augmented corpus), streamed through an
+actor pool into Parquet."""
 
 from __future__ import annotations
 
@@ -42,20 +43,27 @@ class TeacherPredictor:
         return rows
 
 
+def teacher_threads(cfg) -> int:
+    return cfg.label.threads_per_actor or max(1, int(cfg.label.cpus_per_actor))
+
+
+def teacher_pool(cfg) -> dict:
+    """``map_batches`` options for a pool of actors that each hold a teacher model, sized by ``label.*``."""
+    return dict(batch_size=cfg.label.batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.label.actors),
+                num_cpus=cfg.label.cpus_per_actor, num_gpus=cfg.label.gpus_per_actor or None,
+                resources=cfg.label.resources or None)
+
+
 def label_dataset(dataset: ray.data.Dataset, model_dir: str, cfg) -> ray.data.Dataset:
     """Append ``teacher_logits`` to every row, streaming blocks through a pool of teacher actors."""
     return dataset.map_batches(
         TeacherPredictor,
         fn_constructor_kwargs={
             "model_dir": model_dir, "num_labels": cfg.task.num_labels, "max_length": cfg.teacher.max_length,
-            "threads": cfg.label.threads_per_actor or max(1, int(cfg.label.cpus_per_actor)),
+            "threads": teacher_threads(cfg),
         },
-        batch_size=cfg.label.batch_size,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=cfg.label.actors),
-        num_cpus=cfg.label.cpus_per_actor,
-        num_gpus=cfg.label.gpus_per_actor or None,
-        resources=cfg.label.resources or None,
+        **teacher_pool(cfg),
     )
 
 
@@ -66,8 +74,15 @@ def read_rows(path: Path, rows: int, cfg) -> ray.data.Dataset:
     return ray.data.read_parquet(str(path), override_num_blocks=blocks)
 
 
+def corpus(inputs) -> tuple[Path, int]:
+    """What to label, and its rows: the augmented corpus when the stage is given one, else the train split."""
+    if "augment" in inputs:
+        return inputs["augment"].path / "data", inputs["augment"].result()["rows"]
+    return inputs["data"].path / "train.parquet", inputs["data"].result()["rows"]["train"]
+
+
 def run(cfg, inputs, ctx, out: Path) -> dict:
-    source = read_rows(inputs["data"].path / "train.parquet", inputs["data"].result()["rows"]["train"], cfg)
+    source = read_rows(*corpus(inputs), cfg)
     labelled = label_dataset(source, str(inputs["teacher"].path / STUDENT_DIR), cfg)
     labelled.write_parquet(str(out / "data"))
     rows = ray.data.read_parquet(str(out / "data")).count()

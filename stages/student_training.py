@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from kd.batching import LABEL, Collator, iterate_frame, length_bucketed
+from kd.batching import LABEL, TEXT_A, TEXT_B, Collator, iterate_frame, length_bucketed
 from kd.evaluation import predict_logits, task_metrics
 from kd.methods import get_method
 from kd.students import StudentShape
@@ -127,12 +127,12 @@ def _as_path(manager) -> Iterator[Path]:
 
 def train_job(*, method: str, params: dict, shape: dict | None, settings: TrainSettings, teacher: str | None,
               init_model: str | None, tokenizer: str, max_length: int, num_labels: int, regression: bool,
-              train_rows: int, torch_threads: int) -> dict[str, Any]:
+              train_rows: int, train_path: str, torch_threads: int) -> dict[str, Any]:
     """Everything a worker needs, as plain data so it crosses to Ray workers cheaply."""
     return {
         "method": method, "params": params, "shape": shape, "settings": settings.model_dump(), "teacher": teacher,
         "init_model": init_model, "tokenizer": tokenizer, "max_length": max_length, "num_labels": num_labels,
-        "regression": regression, "train_rows": train_rows, "torch_threads": torch_threads,
+        "regression": regression, "train_rows": train_rows, "train_path": train_path, "torch_threads": torch_threads,
         # Fault injection for the fault-tolerance test: rank 0 exits after checkpointing the first epoch that
         # reaches this step, once (a run restored from a checkpoint does not fail again). Read on the driver.
         "fault_at_step": int(os.environ.get(FAULT_ENV, "0")),
@@ -147,10 +147,22 @@ def dev_metrics(model: torch.nn.Module, collator: Collator, io: TrainIO, regress
     return task_metrics(predict_logits(model, encoded), np.concatenate(labels), regression)
 
 
+def corpus_texts(path: str) -> Iterator[str]:
+    """Every text of a training corpus (both sides of pairs), read when first iterated.
+
+    Each worker reads the whole corpus, not its shard, so a vocabulary built from it is the same on every
+    worker.
+    """
+    frame = pd.read_parquet(path)
+    for column in (TEXT_A, TEXT_B):
+        if column in frame.columns:
+            yield from frame[column].astype(str)
+
+
 def build_distiller(job: dict[str, Any], io: TrainIO) -> tuple[Distiller, Collator]:
     method = get_method(job["method"])(job["params"])
     settings = TrainSettings.model_validate(job["settings"])
-    tokenizer = load_tokenizer(job["tokenizer"])
+    tokenizer = method.student_tokenizer(load_tokenizer(job["tokenizer"]), corpus_texts(job["train_path"]))
     teacher = None
     if job["teacher"] is not None:
         teacher = load_classifier(job["teacher"], job["num_labels"], attentions="attentions" in method.online_signals)

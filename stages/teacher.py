@@ -66,7 +66,7 @@ def run(cfg, inputs, ctx, out: Path) -> dict:
         method="finetune", params={}, shape=None, settings=cfg.teacher.train, teacher=None, init_model=str(initial),
         tokenizer=str(initial), max_length=cfg.teacher.max_length, num_labels=num_labels,
         regression=cfg.task.task_type == "regression", train_rows=inputs["data"].result()["rows"]["train"],
-        torch_threads=worker_threads(cfg),
+        train_path=str(data_dir / "train.parquet"), torch_threads=worker_threads(cfg),
     )
     outcome = fit(cfg, job, data_dir / "train.parquet", data_dir / "dev.parquet", f"{cfg.name}-teacher-{ctx.key}", out)
     shutil.rmtree(initial)

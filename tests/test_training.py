@@ -108,3 +108,17 @@ def test_task_metrics():
 def test_latency_harness_reports_positive_figures(tiny_teacher, tiny_tokenizer):
     timing = measure_latency(tiny_teacher, batch(tiny_tokenizer), warmup=1, repeats=2, threads=1)
     assert timing["latency_ms"] > 0 and timing["batch_size"] == len(TEXTS)
+
+
+def test_predict_frame_keeps_row_order(tiny_teacher, tiny_tokenizer):
+    import pandas as pd
+
+    from kd.evaluation import predict_frame
+
+    frame = pd.DataFrame({"text_a": ["the film was very fun and good", "bad", "great actor", "not good at all"]})
+    collator = Collator(tiny_tokenizer, 16)
+    sorted_logits = predict_frame(tiny_teacher, collator, frame, batch_size=2)
+    tiny_teacher.eval()
+    one_by_one = np.concatenate([tiny_teacher(**collator.encode({"text_a": np.array([t])})).logits.detach().numpy()
+                                 for t in frame.text_a])
+    assert np.allclose(sorted_logits, one_by_one, atol=1e-5)

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Iterable, Literal, Mapping
 
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kd.students import StudentShape, build_student
 
@@ -51,6 +51,8 @@ class Method(ABC):
     online_signals: ClassVar[frozenset[str]] = frozenset()
     student_outputs: ClassVar[frozenset[str]] = frozenset()  # "hidden_states" / "attentions" the loss reads
     default_init: ClassVar[str] = "uniform"
+    # What a student trains on when its entry does not say: the task's train split, or the augmented corpus.
+    default_data: ClassVar[Literal["task", "augmented"]] = "task"
 
     def __init__(self, params: MethodParams | Mapping[str, Any] | None = None):
         if params is None or isinstance(params, Mapping):
@@ -68,6 +70,15 @@ class Method(ABC):
     def resolve_shape(self, shape: StudentShape) -> StudentShape:
         """The shape with ``init`` filled in by the method's default when the experiment leaves it out."""
         return shape if shape.init is not None else shape.model_copy(update={"init": self.default_init})
+
+    def student_tokenizer(self, teacher_tokenizer: PreTrainedTokenizerBase,
+                          train_texts: Iterable[str]) -> PreTrainedTokenizerBase:
+        """The tokenizer the student trains with and is saved with; called before ``build_student``.
+
+        The teacher's, unless the method builds its own vocabulary from ``train_texts`` (a lazy iterable: a
+        method that does not read it costs no pass over the corpus).
+        """
+        return teacher_tokenizer
 
     def build_student(self, teacher: PreTrainedModel, shape: StudentShape) -> nn.Module:
         return build_student(teacher, self.resolve_shape(shape))

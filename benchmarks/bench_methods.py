@@ -1,0 +1,95 @@
+"""Every method on one student shape: runs ``python -m pipeline run CONFIG --seeds N`` and collects its report.
+
+The pipeline runs as a subprocess exactly as a user would run it (its own output streams through). Afterwards
+the per-seed summaries in the workdir are read back (``pipeline.summary.load_summaries``), the report table
+(``pipeline.report.report_table``: mean ± std over seeds, gain over ``finetune``, within-noise flags) is
+printed, and the run's ``report.md`` is copied next to this benchmark's JSON. Stages already in the workdir's
+cache are not recomputed, so the wall time is only a training cost on a fresh workdir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+if __name__ == "__main__" and not __package__:
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # run as a file: import the benchmarks package
+
+from benchmarks._common import REPO_ROOT, console, machine_info, result_path, write_results
+
+NAME = "bench_methods"
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "methods.yaml"
+QUICK_WORKDIR = REPO_ROOT / "runs" / "bench_methods_quick"  # its own cache: a smoke run leaves the real workdir alone
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="Experiment file (default: configs/methods.yaml).")
+    parser.add_argument("--seeds", type=int, default=3, help="Seeds per student (default: 3).")
+    parser.add_argument("--workdir", default=None, help="Overrides the config's workdir.")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="Passed on to `pipeline run --set` (repeatable).")
+    parser.add_argument("--quick", action="store_true",
+                        help="Smoke run: 200 rows, every epoch count 1, 1 seed, workdir runs/bench_methods_quick.")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seeds = 1
+        args.workdir = args.workdir or str(QUICK_WORKDIR)
+        args.overrides = quick_overrides(args.config) + args.overrides
+    return args
+
+
+def quick_overrides(config: str) -> list[str]:
+    """200 rows and one epoch everywhere: the teacher's, each student's, and each ``*_epochs`` phase length a
+    method's params set (TinyBERT's intermediate and prediction phases)."""
+    from pipeline.config import load_experiment
+
+    exp = load_experiment(config)
+    overrides = ["task.max_rows=200", "teacher.train.epochs=1"]
+    for spec in exp.students:
+        overrides.append(f"students.{spec.name}.train.epochs=1")
+        overrides += [f"students.{spec.name}.params.{field}=1" for field, value in spec.params.model_dump().items()
+                      if field.endswith("_epochs") and value is not None]
+    return overrides
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    machine = machine_info()
+
+    from pipeline.config import load_experiment
+    from pipeline.report import REPORT_FILE, report_table
+    from pipeline.summary import load_summaries
+
+    command = [sys.executable, "-m", "pipeline", "run", args.config, "--seeds", str(args.seeds),
+               *(part for override in args.overrides for part in ("--set", override))]
+    if args.workdir:
+        command += ["--workdir", args.workdir]
+    console.print(f"running: {' '.join(command)}")
+    started = time.perf_counter()
+    # The pipeline runs in this process's folder, so relative paths in the config mean the same to both.
+    returncode = subprocess.run(command).returncode
+    seconds = time.perf_counter() - started
+    if returncode != 0:
+        console.print(f"[red]the pipeline exited with {returncode}; no results written[/red]")
+        raise SystemExit(returncode)
+
+    workdir = load_experiment(args.config, args.overrides, args.workdir).workdir
+    # The run rewrites summaries/seed-0..N-1 but leaves files of an earlier run with more seeds in place.
+    summaries = load_summaries(workdir)[:args.seeds]
+    console.print(report_table(summaries))
+    report_copy = result_path(NAME, args.quick, ".md")
+    report_copy.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(workdir / REPORT_FILE, report_copy)
+    results = {"pipeline_command": command, "wall_s": seconds, "workdir": str(workdir),
+               "report": report_copy.name, "summaries": summaries}
+    write_results(NAME, args.quick, machine, vars(args), results)
+    return results
+
+
+if __name__ == "__main__":
+    main()
