@@ -12,6 +12,7 @@ import math
 import os
 import tempfile
 import time
+import uuid
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterable, Iterator, Mapping, Protocol
@@ -133,9 +134,9 @@ def train_job(*, method: str, params: dict, shape: dict | None, settings: TrainS
         "method": method, "params": params, "shape": shape, "settings": settings.model_dump(), "teacher": teacher,
         "init_model": init_model, "tokenizer": tokenizer, "max_length": max_length, "num_labels": num_labels,
         "regression": regression, "train_rows": train_rows, "train_path": train_path, "torch_threads": torch_threads,
-        # Fault injection for the fault-tolerance test: rank 0 exits after checkpointing the first epoch that
-        # reaches this step, once (a run restored from a checkpoint does not fail again). Read on the driver.
+        # Fault injection for the fault-tolerance test, read on the driver: rank 0 dies once at this step.
         "fault_at_step": int(os.environ.get(FAULT_ENV, "0")),
+        "fault_marker": str(Path(tempfile.gettempdir()) / f"kd-fault-{uuid.uuid4().hex}"),
     }
 
 
@@ -210,12 +211,16 @@ def train_student(job: dict[str, Any], io: TrainIO, verbose: bool = True) -> Dis
     rank0 = io.rank == 0
     rng = np.random.default_rng(settings.seed + io.rank)
     fault_step = job.get("fault_at_step", 0)
-    resumed = distiller.progress.global_step > 0
 
     def on_progress(metrics: dict) -> None:
         distiller.progress.history.append(metrics)
         if rank0 and verbose:
             _print_progress(distiller, metrics)
+        if fault_step and rank0 and distiller.progress.global_step >= fault_step:
+            marker = Path(job["fault_marker"])
+            if not marker.exists():  # once: the restarted worker must get past this step
+                marker.touch()
+                os._exit(1)  # dies as a lost node would: no exception, no cleanup
 
     while not distiller.finished:
         phase = distiller.phases[distiller.progress.phase_index].name
@@ -234,6 +239,4 @@ def train_student(job: dict[str, Any], io: TrainIO, verbose: bool = True) -> Dis
             if rank0:
                 save_checkpoint(distiller, collator, Path(scratch))
             io.report(metrics, Path(scratch) if rank0 else None)
-        if fault_step and not resumed and distiller.progress.global_step >= fault_step and rank0:
-            os._exit(1)  # after the epoch's checkpoint, as a lost node would: no exception, no cleanup
     return distiller

@@ -22,7 +22,7 @@ def one_student(report_every: int) -> str:
 def test_killed_worker_resumes_from_checkpoint(smoke_pipeline, monkeypatch):
     exp, _, _ = smoke_pipeline
     faulty = load_experiment(SMOKE_CONFIG, [one_student(3), "ray.max_failures=1"], workdir=exp.workdir)
-    monkeypatch.setenv(FAULT_ENV, "1")  # rank 0 exits after its first epoch
+    monkeypatch.setenv(FAULT_ENV, "9")  # 7 steps an epoch: rank 0 dies in epoch 2, after epoch 1's checkpoint
     interrupted = PipelineRunner(faulty, Console(width=160)).run()["students"]["kd_ft"]
     monkeypatch.delenv(FAULT_ENV)
     steady = PipelineRunner(load_experiment(SMOKE_CONFIG, [one_student(4)], workdir=exp.workdir),
