@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every benchmark at its default size, one after another, on a quiet machine: each writes
-# benchmarks/results/<name>.json (bench_methods also <name>.md). Extra arguments go to every script,
-# e.g. `bash benchmarks/run_all.sh --quick` for a smoke pass.
+# benchmarks/results/<name>.json (bench_methods also <name>.md). Arguments go to every script, so only
+# the flag they all take makes sense here: `bash benchmarks/run_all.sh --quick` is a smoke pass.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-.venv/bin/python}

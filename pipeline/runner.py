@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,7 +191,9 @@ class PipelineRunner:
         path = exp.workdir / SUMMARY_FILE
         path.write_text(json.dumps(summary, indent=2))
         per_seed = exp.workdir / SEED_SUMMARIES
-        per_seed.mkdir(exist_ok=True)
+        if per_seed.exists():
+            shutil.rmtree(per_seed)  # an earlier run with more seeds would otherwise leave its extra files behind
+        per_seed.mkdir()
         for offset, seed_summary in enumerate(summaries):
             (per_seed / f"seed-{offset}.json").write_text(json.dumps(seed_summary, indent=2))
         mlflow.log_artifact(str(path))

@@ -10,11 +10,11 @@ import ray
 import torch
 
 from kd.batching import TEACHER_LOGITS, TEXT_A, Collator
+from stages.models import load_classifier, load_tokenizer
 from stages.student_training import STUDENT_DIR
 
 ROWS_PER_BLOCK = 2048
 SLICE_ROWS = 32
-from stages.models import load_classifier, load_tokenizer
 
 
 class TeacherPredictor:
