@@ -85,7 +85,7 @@ def test_head_mode_trains_the_head_and_leaves_the_encoder_as_the_teacher_has_it(
     encoder = {name: p.detach().clone() for name, p in model.base_model.named_parameters()}
     head = [p.detach().clone() for p in head_parameters(model)]
     before = masked_token_accuracy(model, tiny_tokenizer, TEXTS * 8, max_length=16)["accuracy"]
-    adapt(model, tiny_tokenizer, TEXTS * 16, None, MlmSettings(steps=40, learning_rate=1e-2, batch_size=16), 16)
+    adapt(model, tiny_tokenizer, TEXTS * 16, None, MlmSettings(steps=40, learning_rate=1e-2, batch_size=16, train="head"), 16)
     assert all(torch.equal(p, encoder[name]) for name, p in model.base_model.named_parameters())
     assert all(not torch.equal(p, old) for p, old in zip(head_parameters(model), head))
     assert masked_token_accuracy(model, tiny_tokenizer, TEXTS * 8, max_length=16)["accuracy"] > before
@@ -241,7 +241,7 @@ def test_students_choose_their_corpus_and_methods_supply_the_default():
     assert [spec.data for spec in exp.students] == ["augmented", "task", "task", "augmented", "task"]
     assert [student_corpus(spec) for spec in exp.students] == [
         "label:augmented", "label", "mlm_topk", "label:augmented", None]
-    assert exp.teacher.mlm.train == "head" and exp.augment.rule == "tang" and exp.label.mlm_top_k == 16
+    assert exp.teacher.mlm.train == "all" and exp.augment.rule == "tang" and exp.label.mlm_top_k == 16
 
 
 @pytest.mark.parametrize("fields, message", [
