@@ -65,7 +65,7 @@ class Tracker:
                 mlflow.log_params({k: str(v)[:6000] for k, v in flatten(params).items()})
             metrics = numeric_leaves({k: v for k, v in result.items() if k not in ("history", "final")})
             if metrics:
-                mlflow.log_metrics({k.replace("@", "_"): v for k, v in metrics.items()})
+                mlflow.log_metrics(metrics)
             for record in history or []:
                 step = int(record.get("step", 0))
                 mlflow.log_metrics({metric_name(k): v for k, v in numeric_leaves(record).items() if k != "step"}, step=step)

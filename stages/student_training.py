@@ -65,7 +65,7 @@ class RayTrainIO:
 
     def restore(self) -> ContextManager[Path | None]:
         checkpoint = self._train.get_checkpoint()
-        return _as_path(checkpoint.as_directory()) if checkpoint is not None else nullcontext(None)
+        return as_path(checkpoint.as_directory()) if checkpoint is not None else nullcontext(None)
 
     def report(self, metrics: dict, directory: Path | None) -> None:
         checkpoint = self._train.Checkpoint.from_directory(directory) if directory is not None else None
@@ -121,7 +121,7 @@ class LocalIO:
 
 
 @contextmanager
-def _as_path(manager) -> Iterator[Path]:
+def as_path(manager) -> Iterator[Path]:
     with manager as directory:
         yield Path(directory)
 

@@ -27,7 +27,7 @@ from pipeline.config import Experiment, StudentSpec
 from pipeline.search_space import SearchSpace, apply_sample
 from pipeline.tracking import flatten
 from stages.distill import student_job, trainer
-from stages.student_training import STUDENT_DIR, LocalIO, train_student
+from stages.student_training import STUDENT_DIR, LocalIO, as_path, train_student
 
 CHECKPOINT_PATH_KEY = "checkpoint_path"
 
@@ -52,7 +52,7 @@ def trial(config: dict[str, Any], *, exp_document: dict, base_student: dict, inp
 
         def resume_from():
             checkpoint = tune.get_checkpoint()
-            return _path_of(checkpoint) if checkpoint is not None else nullcontext(None)
+            return as_path(checkpoint.as_directory()) if checkpoint is not None else nullcontext(None)
 
         train_student(job, LocalIO(train_source, dev_path, spec.train.seed, report, resume_from), verbose=False)
     else:
@@ -65,17 +65,6 @@ def trial(config: dict[str, Any], *, exp_document: dict, base_student: dict, inp
         result = trainer(exp, job, train_source, dev_path, run_config).fit()
         if result.error is not None:
             raise result.error
-
-
-def _path_of(checkpoint):
-    from contextlib import contextmanager
-
-    @contextmanager
-    def as_path():
-        with checkpoint.as_directory() as directory:
-            yield Path(directory)
-
-    return as_path()
 
 
 class MlflowTrialRuns(tune.Callback):
