@@ -27,6 +27,7 @@ from pipeline.config import Experiment, StudentSpec
 from pipeline.search_space import SearchSpace, apply_sample
 from pipeline.tracking import flatten
 from stages.distill import student_job, trainer
+from stages.errors import StageError
 from stages.student_training import STUDENT_DIR, LocalIO, as_path, train_student
 
 CHECKPOINT_PATH_KEY = "checkpoint_path"
@@ -160,6 +161,11 @@ def run_search(exp: Experiment, base_student: dict, space: SearchSpace, inputs: 
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
         )
     results = tuner.fit()
+    # On Ctrl-C Tune saves its state and returns normally: nothing may be registered from a search cut short.
+    ended = results.num_terminated + results.num_errors
+    if ended < max(len(results), exp.tune.samples):
+        raise StageError(f"search interrupted with {ended} of {exp.tune.samples} trials ended; run the same command "
+                         f"again to resume it from {search_dir}")
     return results, time.perf_counter() - started
 
 

@@ -81,16 +81,25 @@ def test_interrupted_search_resumes_without_duplicates(smoke_pipeline, ray_sessi
     searched = load_experiment(SMOKE_CONFIG, overrides, workdir=exp.workdir)
     tune_root = exp.workdir / "tune"
     earlier_searches = set(tune_root.glob("kd-*"))
-    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    log = exp.workdir / "interrupted-search.log"
+    with log.open("w") as output:
+        first = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline and first.poll() is None:
         searches = set(tune_root.glob("kd-*")) - earlier_searches
         if any(path.read_text().strip() for search in searches for path in search.glob("*/result.json")):
-            break  # this search has finished at least one epoch of one trial: stop it hard now
+            break  # this search has finished at least one epoch of one trial: interrupt it now, as Ctrl-C would
         time.sleep(1)
     assert first.poll() is None, "the search ended before it could be interrupted"
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait()
+    first.send_signal(signal.SIGINT)
+    try:
+        first.wait(timeout=180)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    interrupted = log.read_text()
+    assert first.returncode == 1 and "run the same command again to resume" in interrupted, interrupted[-2000:]
+    assert "→ registered" not in interrupted
 
     second = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
