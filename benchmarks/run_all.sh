@@ -10,4 +10,5 @@ python=${PYTHON:-.venv/bin/python}
 "$python" benchmarks/bench_cached_vs_online.py "$@"
 "$python" benchmarks/bench_train_overhead.py "$@"
 "$python" benchmarks/bench_label.py "$@"
+"$python" benchmarks/bench_augment.py "$@"
 "$python" benchmarks/bench_methods.py "$@"

@@ -92,7 +92,8 @@ class TeacherConfig(Strict):
     train: TrainSettings = Field(default_factory=lambda: TrainSettings(epochs=2, learning_rate=5e-5))
     mlm: MlmSettings | None = Field(
         default=None, description="Masked-LM adaptation on the task's text, a second cached teacher (stage mlm_teacher) "
-        "that TextSmooth and augment.rule: tinybert read; None: off. It runs only when a student needs it.")
+        "that TextSmooth, DistilBERT's masked-LM term and augment.rule: tinybert read; None: off. It runs only "
+        "when a student needs it.")
 
 
 class LabelConfig(Strict):
@@ -145,6 +146,12 @@ def _student_variant(method_name: str) -> type[StudentBase]:
 
 
 StudentSpec = Annotated[Union[tuple(_student_variant(name) for name in sorted(METHODS))], Field(discriminator="method")]
+
+
+def reads_mlm_teacher_head(spec) -> bool:
+    """A DistilBERT student with its masked-LM term on and no ``mlm_head`` of its own takes the head of the
+    pipeline's masked-LM teacher (stage mlm_teacher): the packaged MiniLM has none to offer."""
+    return spec.method == "distilbert" and spec.params.alpha_mlm > 0 and spec.params.mlm_head is None
 
 
 class RayConfig(Strict):
@@ -225,6 +232,10 @@ class Experiment(Strict):
             where, method = f"students[{index}] ({spec.name})", METHODS[spec.method]
             if "mlm_topk" in method.cached_signals and self.teacher.mlm is None:
                 problems.append(f"{where}: {spec.method} reads the teacher's masked-LM distribution; set teacher.mlm")
+            if reads_mlm_teacher_head(spec) and self.teacher.mlm is None:
+                problems.append(f"{where}: distilbert: params.alpha_mlm > 0 turns on the masked-LM term, which reads "
+                                "the masked-LM teacher's head; set teacher.mlm, or params.mlm_head, or "
+                                "params.alpha_mlm: 0")
             if spec.data == "augmented" and not (method.cached_signals or method.online_signals):
                 problems.append(f"{where}: {spec.method} learns from gold labels only, which augmented rows do not "
                                 "have; use data: task")

@@ -14,7 +14,7 @@ from rich.console import Console
 
 from kd.methods import get_method
 from pipeline.artifacts import Artifact, ArtifactStore, content_key, write_result
-from pipeline.config import Experiment
+from pipeline.config import Experiment, reads_mlm_teacher_head
 from pipeline.ray_session import ensure_ray
 from pipeline.summary import SEED_SUMMARIES, SUMMARY_FILE, build_summary, summary_table, write_workdir_report
 from pipeline.tracking import Tracker
@@ -120,7 +120,7 @@ class PipelineRunner:
         labelled = sorted({spec.data for spec in students if student_corpus(spec)})
         smoothed = sorted({spec.data for spec in students if "mlm_topk" in get_method(spec.method).cached_signals})
         tinybert_rule = "augmented" in labelled and exp.augment.rule == "tinybert"
-        if smoothed or tinybert_rule:
+        if smoothed or tinybert_rule or any(reads_mlm_teacher_head(spec) for spec in students):
             prepared["mlm_teacher"] = self.stage(
                 "mlm_teacher", "masked-LM teacher", mlm_teacher.run,
                 {"mlm": exp.teacher.mlm, "max_length": exp.teacher.max_length, "seed": exp.seed},
@@ -151,22 +151,27 @@ class PipelineRunner:
 
     @staticmethod
     def student_inputs(prepared: dict[str, Artifact], spec) -> dict[str, Artifact]:
-        """A student's stage inputs; ``label`` is the prepared Parquet it trains on, when it is not the train split."""
+        """A student's stage inputs; ``label`` is the prepared Parquet it trains on, when it is not the train split,
+        and ``mlm_teacher`` the masked LM whose head it takes (the distill stage fills in ``params.mlm_head``, so
+        the student's key follows that artifact's key, not its path)."""
         inputs = {"data": prepared["data"], "teacher": prepared["teacher"]}
         corpus = student_corpus(spec)
         if corpus is not None:
             inputs["label"] = prepared[corpus]
+        if reads_mlm_teacher_head(spec):
+            inputs["mlm_teacher"] = prepared["mlm_teacher"]
         return inputs
 
     def _run_students(self, prepared: dict[str, Artifact], seed_offset: int) -> dict:
         """Distil and evaluate every student once, with its train seed shifted by ``seed_offset``."""
         exp = self.exp
-        evaluations, distills = {"teacher": prepared["teacher_eval"]}, {}
+        evaluations, distills, train_rows = {"teacher": prepared["teacher_eval"]}, {}, {}
         suffix = f" seed+{seed_offset}" if seed_offset else ""
         for spec in exp.students:
             if seed_offset:
                 spec = spec.model_copy(update={"train": spec.train.model_copy(update={"seed": spec.train.seed + seed_offset})})
             inputs = self.student_inputs(prepared, spec)
+            train_rows[spec.name] = distill.train_corpus(inputs)[1]
             # ``data`` is keyed through the corpus it selects (the ``label`` input), like every other input.
             student_slice = {"spec": spec.model_dump(mode="json", exclude={"name", "data"}),
                              "max_length": exp.teacher.max_length, "workers": exp.ray.num_workers}
@@ -179,7 +184,7 @@ class PipelineRunner:
             evaluations[spec.name] = self.stage(
                 "evaluate", f"evaluate {spec.name}{suffix}", evaluate.run, exp.evaluate,
                 {"model": distills[spec.name], "data": prepared["data"]})
-        return build_summary(exp, evaluations, distills, prepared)
+        return build_summary(exp, evaluations, distills, prepared, train_rows)
 
     def _run_stages(self) -> dict:
         import mlflow

@@ -27,12 +27,12 @@ def teacher_signals(method_name: str) -> str:
     return "online" if method.online_signals else "cached" if method.cached_signals else "none"
 
 
-def build_summary(exp, evaluations: dict, distills: dict, prepared: dict) -> dict:
-    """``evaluations`` and ``distills``: stage artifacts by student name (evaluations also has the teacher)."""
+def build_summary(exp, evaluations: dict, distills: dict, prepared: dict, train_rows: dict[str, int]) -> dict:
+    """``evaluations`` and ``distills``: stage artifacts by student name (evaluations also has the teacher);
+    ``train_rows``: the rows each student trained on (the augmented corpus's, for one trained on it)."""
     teacher_eval = evaluations["teacher"].result()
     teacher = {"source": exp.teacher.source, "fine_tuned": prepared["teacher"].result().get("fine_tuned", False),
                "dev": teacher_eval["dev"], "test": teacher_eval["test"], **{k: teacher_eval[k] for k in SIZE_FIELDS}}
-    train_rows = prepared["data"].result()["rows"]["train"]
     students = {}
     for spec in exp.students:
         result = evaluations[spec.name].result()
@@ -49,7 +49,7 @@ def build_summary(exp, evaluations: dict, distills: dict, prepared: dict) -> dic
             "teacher_signals": teacher_signals(spec.method),
             "epochs": len(epochs),
             "epoch_seconds": float(np.mean([h["epoch_seconds"] for h in epochs])) if epochs else None,
-            "train_rows": train_rows,
+            "train_rows": train_rows[spec.name],
             "evaluate_dir": str(evaluations[spec.name].path),
         }
     return {"experiment": exp.name, "metric": primary_metric(exp.task.task_type == "regression"),

@@ -76,15 +76,30 @@ def fit(cfg, job: dict[str, Any], train_path: Path, dev_path: Path, run_name: st
     return {"history": history, "final": result.metrics}
 
 
+def train_corpus(inputs) -> tuple[Path, int]:
+    """The Parquet a student trains on and its rows: the prepared corpus (``label``: soft labels, masked-LM top-k,
+    the augmented corpus) when it has one, else the train split."""
+    if "label" in inputs:
+        return inputs["label"].path / "data", inputs["label"].result()["rows"]
+    return inputs["data"].path / "train.parquet", inputs["data"].result()["rows"]["train"]
+
+
+def student_params(spec, inputs) -> dict[str, Any]:
+    """The method's params; given a masked-LM teacher, its folder is the ``mlm_head`` (DistilBERT's MLM term)."""
+    params = spec.params.model_dump()
+    if "mlm_teacher" in inputs:
+        from stages.mlm_teacher import MLM_DIR  # stages.mlm_teacher imports this module
+
+        params["mlm_head"] = str(inputs["mlm_teacher"].path / MLM_DIR)
+    return params
+
+
 def student_job(cfg, spec, inputs) -> tuple[dict[str, Any], Path]:
     """The training job of a student entry, and the Parquet it trains on (soft labels when the method uses them)."""
-    data_dir = inputs["data"].path
     teacher_dir = str(inputs["teacher"].path / STUDENT_DIR)
-    labelled = "label" in inputs
-    train_source = inputs["label"].path / "data" if labelled else data_dir / "train.parquet"
-    train_rows = inputs["label"].result()["rows"] if labelled else inputs["data"].result()["rows"]["train"]
+    train_source, train_rows = train_corpus(inputs)
     job = train_job(
-        method=spec.method, params=spec.params.model_dump(), shape=spec.student.model_dump(), settings=spec.train,
+        method=spec.method, params=student_params(spec, inputs), shape=spec.student.model_dump(), settings=spec.train,
         teacher=teacher_dir, init_model=None, tokenizer=teacher_dir, max_length=cfg.teacher.max_length,
         num_labels=cfg.task.num_labels, regression=cfg.task.task_type == "regression", train_rows=train_rows,
         train_path=str(train_source), torch_threads=worker_threads(cfg),

@@ -20,10 +20,12 @@ from kd.mlm import MlmSettings, WholeWordCandidates, adapt, head_parameters, mas
 from kd.students import StudentShape
 from kd.textsmooth import MLM_TOPK_IDS, MLM_TOPK_PROBS, pad_topk
 from kd.training import TrainSettings
+from pipeline.artifacts import Artifact, content_key, write_result
 from pipeline.config import ConfigError, validate
-from pipeline.runner import student_corpus
+from pipeline.runner import PipelineRunner, student_corpus
 from stages.augment import MlmAugmenter, TangAugmenter, with_copies
-from stages.mlm_teacher import adapt_teacher
+from stages.distill import student_params
+from stages.mlm_teacher import MLM_DIR, adapt_teacher
 from stages.mlm_topk import TopKPredictor
 from stages.student_training import STUDENT_DIR, LocalIO, train_job, train_student
 from stages.models import load_classifier, load_tokenizer
@@ -253,7 +255,71 @@ def test_students_choose_their_corpus_and_methods_supply_the_default():
      "augment.rule: tinybert draws replacements from the masked-LM teacher"),
     ({"augment": {"rule": "tang", "copies": -1}}, "augment.copies"),
     ({"teacher": {"mlm": {"train": "encoder"}}}, "teacher.mlm.train"),
+    ({"students": [{"name": "s", "method": "distilbert", "student": {"layers": 2}}]},
+     "distilbert: params.alpha_mlm > 0 turns on the masked-LM term, which reads the masked-LM teacher's head; "
+     "set teacher.mlm, or params.mlm_head, or params.alpha_mlm: 0"),
 ])
 def test_transfer_fields_are_checked(fields, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
         validate(experiment(**fields))
+
+
+# --- the runner's choice of inputs ------------------------------------------------------------------------------
+
+
+def stage_graph(tmp_path, monkeypatch, mlm_steps: int) -> tuple[list[str], dict, dict, list]:
+    """The stages a runner runs for three DistilBERT students (MLM term on with no head, off, on with a head of
+    its own), each stage replaced by a recorder that keys it as the runner's ``stage`` does; returns the stages
+    in order, the prepared artifacts, every student's distill config slice, inputs and key, and the students."""
+    exp = validate(experiment(workdir=str(tmp_path), teacher={"mlm": {"steps": mlm_steps}}, students=[
+        {"name": "auto", "method": "distilbert", "student": {"layers": 2}},
+        {"name": "off", "method": "distilbert", "student": {"layers": 2}, "params": {"alpha_mlm": 0}},
+        {"name": "own", "method": "distilbert", "student": {"layers": 2}, "params": {"mlm_head": "/heads/own"}},
+    ]))
+    runner = PipelineRunner(exp)
+    ran, distills = [], {}
+
+    def record(stage, label_text, fn, config_slice, inputs, **_):
+        key = content_key(stage, config_slice, inputs)
+        path = tmp_path / stage / key
+        path.mkdir(parents=True, exist_ok=True)
+        write_result(path, {"rows": {"train": 8}} if stage == "data" else {})
+        ran.append(stage)
+        if stage == "distill":
+            distills[label_text.split()[1]] = (config_slice, inputs, key)
+        return Artifact(stage, key, path)
+
+    monkeypatch.setattr(runner, "stage", record)
+    monkeypatch.setattr("pipeline.runner.ensure_ray", lambda config: None)
+    monkeypatch.setattr("pipeline.runner.build_summary", lambda *args: None)
+    prepared = runner.prepare(exp.students)
+    runner._run_students(prepared, 0)
+    return ran, prepared, distills, exp.students
+
+
+def test_distilbert_mlm_term_reads_the_masked_lm_teacher_and_is_keyed_by_it(tmp_path, monkeypatch):
+    ran, prepared, distills, (auto, off, own) = stage_graph(tmp_path / "a", monkeypatch, mlm_steps=5)
+    assert ran[:4] == ["data", "teacher", "mlm_teacher", "evaluate"]
+    assert [name for name, (_, inputs, _) in distills.items() if "mlm_teacher" in inputs] == ["auto"]
+    config_slice, inputs, _ = distills["auto"]
+    assert inputs["mlm_teacher"] is prepared["mlm_teacher"]
+    # The slice keeps the head unset: the key follows the masked-LM teacher's key, not where the workdir is.
+    assert config_slice["spec"]["params"]["mlm_head"] is None
+    assert student_params(auto, inputs)["mlm_head"] == str(prepared["mlm_teacher"].path / MLM_DIR)
+    assert student_params(off, distills["off"][1])["mlm_head"] is None
+    assert student_params(own, distills["own"][1])["mlm_head"] == "/heads/own"
+
+    _, _, adapted_longer, _ = stage_graph(tmp_path / "b", monkeypatch, mlm_steps=6)
+    assert [name for name in distills if distills[name][2] != adapted_longer[name][2]] == ["auto"]
+
+
+def test_no_masked_lm_teacher_without_a_student_that_reads_it(tmp_path, monkeypatch):
+    exp = validate(experiment(teacher={"mlm": {"steps": 5}}, students=[
+        {"name": "off", "method": "distilbert", "student": {"layers": 2}, "params": {"alpha_mlm": 0}}]))
+    runner = PipelineRunner(exp)
+    ran = []
+    monkeypatch.setattr(runner, "stage", lambda stage, *args, **kwargs: ran.append(stage) or
+                        Artifact(stage, stage, tmp_path))
+    monkeypatch.setattr("pipeline.runner.ensure_ray", lambda config: None)
+    runner.prepare(exp.students)
+    assert ran == ["data", "teacher", "evaluate"]
