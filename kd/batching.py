@@ -45,7 +45,10 @@ class Collator:
         )
 
     def __call__(self, rows: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        batch = self.encode(rows)
+        return self.add_targets(rows, self.encode(rows))
+
+    def add_targets(self, rows: Mapping[str, Any], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``batch`` (the encoded rows) with the rows' gold labels and cached teacher targets."""
         if LABEL in rows:
             labels = np.asarray(rows[LABEL])
             batch["labels"] = torch.as_tensor(labels, dtype=torch.float32 if self.regression else torch.long)

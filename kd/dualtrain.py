@@ -40,12 +40,16 @@ punctuation); both tokenizers then segment the same words.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Literal, Protocol, Sequence
+from typing import Any, Iterable, Literal, Mapping, Protocol, Sequence
 
+import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
+
+from kd.batching import TEXT_A, TEXT_B, Collator, as_strings
+from kd.students import parameter_counts
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 Direction = Literal["down", "up"]
@@ -247,6 +251,26 @@ def dual_batch(
     return batch
 
 
+class DualCollator(Collator):
+    """Training batches of DualTrain (``dual_batch``): the teacher's segmentation and the student's mixed one, with
+    the rows' labels and cached teacher logits. ``tokenizer`` is the student's: ``encode`` gives the plain
+    student-vocabulary inputs that evaluation reads, and it is the tokenizer saved with the student."""
+
+    def __init__(self, student_tokenizer: PreTrainedTokenizerFast, teacher_tokenizer: PreTrainedTokenizerFast,
+                 p_teacher: float, max_length: int, seed: int, regression: bool = False):
+        super().__init__(student_tokenizer, max_length, regression)
+        self.teacher_tokenizer = teacher_tokenizer
+        self.p_teacher = p_teacher
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, rows: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        texts = as_strings(rows[TEXT_A])
+        examples = list(zip(texts, as_strings(rows[TEXT_B]))) if TEXT_B in rows else texts
+        batch = dual_batch(examples, self.teacher_tokenizer, self.tokenizer, self.p_teacher, self.rng,
+                           len(self.tokenizer), self.max_length)
+        return self.add_targets(rows, batch)
+
+
 class SharedProjection(nn.Module):
     """ONE trainable matrix U shared by every layer: x ↦ x U.
 
@@ -300,19 +324,10 @@ def pool_units(hidden: torch.Tensor, unit_ids: torch.Tensor, n_units: int) -> tu
     return pooled, counts > 0
 
 
-def _parameter_counts(model: nn.Module) -> dict[str, int]:
-    total = sum(p.numel() for p in model.parameters())
-    tables = {id(m.weight): m.weight.numel() for m in model.modules() if isinstance(m, nn.Embedding)}
-    word = model.get_input_embeddings().weight.numel()
-    embeddings = sum(tables.values())
-    return {"params": total, "embedding_params": embeddings, "word_embedding_params": word,
-            "non_embedding_params": total - embeddings}
-
-
 def compression_report(teacher: PreTrainedModel, student: PreTrainedModel) -> dict[str, float]:
     """Parameter counts of both models, embedding tables (word, position, token type) counted apart since the
     vocabulary is what DualTrain shrinks, and the teacher/student ratios."""
-    t, s = _parameter_counts(teacher), _parameter_counts(student)
+    t, s = parameter_counts(teacher), parameter_counts(student)
     report: dict[str, float] = {f"teacher_{k}": v for k, v in t.items()}
     report.update({f"student_{k}": v for k, v in s.items()})
     for key in ("params", "embedding_params", "non_embedding_params"):

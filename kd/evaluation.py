@@ -25,12 +25,18 @@ def predict_logits(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor
     return np.concatenate(outputs) if outputs else np.zeros((0, 0), dtype=np.float32)
 
 
-def predict_frame(model: nn.Module, collator: Collator, frame, batch_size: int = 64) -> np.ndarray:
-    """Logits for every row, in the frame's order; computed in length-sorted batches, which pad far less."""
+def length_order(frame) -> np.ndarray:
+    """Row positions of ``frame`` from the shortest text (or text pair) to the longest: batches cut in this order
+    pad far less."""
     lengths = frame[TEXT_A].astype(str).str.len().to_numpy()
     if TEXT_B in frame.columns:
         lengths = lengths + frame[TEXT_B].astype(str).str.len().to_numpy()
-    order = np.argsort(lengths, kind="stable")
+    return np.argsort(lengths, kind="stable")
+
+
+def predict_frame(model: nn.Module, collator: Collator, frame, batch_size: int = 64) -> np.ndarray:
+    """Logits for every row, in the frame's order; computed in length-sorted batches."""
+    order = length_order(frame)
     logits = predict_logits(model, (collator.encode(rows) for rows in iterate_frame(frame.iloc[order], batch_size)))
     restored = np.empty_like(logits)
     restored[order] = logits

@@ -202,6 +202,21 @@ class FastBertForSequenceClassification(BertPreTrainedModel):
         return logits, exit_layer
 
 
+class EarlyExit(nn.Module):
+    """``model``'s adaptive inference at one ``speed`` behind the plain ``model(**inputs)`` call, so a harness that
+    times a forward pass (kd.evaluation.measure_latency) times the early-exit path; returns the exit logits."""
+
+    def __init__(self, model: FastBertForSequenceClassification, speed: float):
+        super().__init__()
+        self.model = model
+        self.speed = speed
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        logits, _ = self.model.adaptive_forward(input_ids, attention_mask, token_type_ids, speed=self.speed)
+        return logits
+
+
 AutoConfig.register(FastBertConfig.model_type, FastBertConfig)
 AutoModelForSequenceClassification.register(FastBertConfig, FastBertForSequenceClassification)
 

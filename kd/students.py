@@ -98,3 +98,14 @@ def build_student(teacher: PreTrainedModel, shape: StudentShape) -> BertForSeque
 
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
+    """Parameters in all, in the embedding tables (word, position, token type), in the word table alone, and
+    outside the tables: a small BERT's vocabulary dominates its size, so the two parts are counted apart."""
+    total = count_parameters(model)
+    tables = {id(m.weight): m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    embeddings = sum(tables.values())
+    return {"params": total, "embedding_params": embeddings,
+            "word_embedding_params": model.get_input_embeddings().weight.numel(),
+            "non_embedding_params": total - embeddings}

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from kd.augment import AugmentSettings
 from kd.methods import METHODS
+from kd.methods.fastbert import check_wrapped_shape
 from kd.mlm import MlmSettings
 from kd.students import StudentShape
 from kd.training import TrainSettings
@@ -96,6 +97,28 @@ class TeacherConfig(Strict):
         "when a student needs it.")
 
 
+class EnsembleConfig(Strict):
+    """Several teachers whose soft labels are averaged (MT-DNN's knowledge distillation): the label stage runs each
+    one over the student's corpus and averages their probabilities at the student's temperature."""
+
+    teachers: list[TeacherConfig] = Field(
+        min_length=2, description="The members, each a teacher block (a cached teacher artifact of its own; one equal "
+        "to `teacher` is that same artifact), e.g. the same checkpoint fine-tuned with another train.seed.")
+
+    @field_validator("teachers")
+    @classmethod
+    def _distinct_members(cls, teachers: list[TeacherConfig]) -> list[TeacherConfig]:
+        seen: list[TeacherConfig] = []
+        for index, member in enumerate(teachers):
+            if member.mlm is not None:
+                raise ValueError(f"teachers[{index}].mlm: the masked-LM teacher is adapted from `teacher` only")
+            if member in seen:
+                raise ValueError(f"teachers[{index}] is the same as teachers[{seen.index(member)}]: an ensemble needs "
+                                 "distinct teachers (e.g. another train.seed)")
+            seen.append(member)
+        return teachers
+
+
 class LabelConfig(Strict):
     batch_size: int = Field(default=64, ge=1)
     actors: int = Field(default=1, ge=1, description="Size of the teacher actor pool.")
@@ -127,6 +150,9 @@ class StudentBase(Strict):
     data: Literal["task", "augmented"] | None = Field(
         default=None, description="task: the train split; augmented: the train split plus its augmented copies "
         "(see augment), labelled by the teacher. None: the method's default (bilstm: augmented, others: task).")
+    soft_labels: Literal["teacher", "ensemble"] = Field(
+        default="teacher", description="Whose logits a logit-reading method learns from: the teacher's, or the "
+        "averaged distribution of `ensemble.teachers` at the student's params.temperature (1 without one).")
 
     @model_validator(mode="after")
     def _method_default_data(self) -> "StudentBase":
@@ -176,6 +202,9 @@ class EvaluateConfig(Strict):
     latency_batch_size: int = Field(default=32, ge=1)
     latency_repeats: int = Field(default=10, ge=1)
     threads: int | None = Field(default=None, ge=1, description="Torch threads when timing (None: all cores).")
+    exit_speeds: list[Annotated[float, Field(ge=0, le=1)]] = Field(
+        default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8], min_length=1,
+        description="FastBERT students: the entropy thresholds swept at evaluation (0: no early exit).")
 
 
 class SearchConfig(Strict):
@@ -201,6 +230,8 @@ class Experiment(Strict):
     seed: int = 0
     task: TaskConfig = Field(default_factory=TaskConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    ensemble: EnsembleConfig | None = Field(
+        default=None, description="Teachers whose averaged soft labels students with soft_labels: ensemble learn from.")
     label: LabelConfig = Field(default_factory=LabelConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     students: list[StudentSpec] = Field(min_length=1)
@@ -242,12 +273,47 @@ class Experiment(Strict):
             if spec.data == "augmented" and self.task.task_type == "regression":
                 problems.append(f"{where}: data: augmented needs a classification task (augmented rows are marked "
                                 "by the label -1)")
+        problems += self._seed_method_problems()
         if self.augment.rule == "tinybert" and self.teacher.mlm is None and any(
                 spec.data == "augmented" for spec in self.students):
             problems.append("augment.rule: tinybert draws replacements from the masked-LM teacher; set teacher.mlm")
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _seed_method_problems(self) -> list[str]:
+        """Ensembles and FastBERT's wrapped students: what each student asks for exists and fits."""
+        problems = []
+        names = {spec.name: spec for spec in self.students}
+        for index, spec in enumerate(self.students):
+            where, method = f"students[{index}] ({spec.name})", METHODS[spec.method]
+            if spec.soft_labels == "ensemble":
+                if self.ensemble is None:
+                    problems.append(f"{where}.soft_labels: ensemble needs an `ensemble` block with its teachers")
+                elif not method.reads_teacher_logits():
+                    problems.append(f"{where}.soft_labels: {spec.method} reads no teacher logits, so it cannot learn "
+                                    "from an ensemble")
+                elif self.task.task_type == "regression":
+                    problems.append(f"{where}.soft_labels: an ensemble averages class probabilities; this is a "
+                                    "regression task")
+            if method.classification_only and self.task.task_type == "regression":
+                problems.append(f"{where}: {spec.method} needs a classification task")
+            wrapped = method(spec.params).starts_from()
+            if wrapped is None:
+                continue
+            source = names.get(wrapped)
+            if source is None or source is spec:
+                problems.append(f"{where}.params.wrap: {wrapped!r} is neither 'teacher' nor another student "
+                                f"(students: {', '.join(n for n in names if n != spec.name) or 'none'})")
+            elif not METHODS[source.method].bert_student:
+                problems.append(f"{where}.params.wrap: {wrapped!r} is a {source.method} student, not a fine-tuned BERT "
+                                "classifier that branches can be added to")
+            else:
+                try:
+                    check_wrapped_shape(spec.student, source.student.layers, source.student.hidden_size, wrapped)
+                except ValueError as error:
+                    problems.append(f"{where}: {error}")
+        return problems
 
     @property
     def tracking_uri(self) -> str:

@@ -4,7 +4,7 @@ teacher's config is fetched once (and is cached by transformers)."""
 
 from __future__ import annotations
 
-from transformers import AutoConfig
+from transformers import AutoConfig, PretrainedConfig
 
 from kd.layer_maps import validate_matches
 from kd.methods import get_method
@@ -14,16 +14,18 @@ from stages.errors import StageError
 from stages.models import resolve_model_source
 
 
-def teacher_depth(exp: Experiment) -> int:
-    source = resolve_model_source(exp.teacher.source)
+def teacher_config(source: str, field: str = "teacher.source") -> PretrainedConfig:
     try:
-        return AutoConfig.from_pretrained(source).num_hidden_layers
+        return AutoConfig.from_pretrained(resolve_model_source(source))
     except (OSError, ValueError) as error:
-        raise StageError(f"teacher.source {exp.teacher.source!r}: cannot read its config: {error}") from None
+        raise StageError(f"{field} {source!r}: cannot read its config: {error}") from None
 
 
 def check_students_fit_teacher(exp: Experiment) -> None:
-    depth = teacher_depth(exp)
+    config = teacher_config(exp.teacher.source)
+    for index, member in enumerate(exp.ensemble.teachers if exp.ensemble else []):
+        teacher_config(member.source, f"ensemble.teachers[{index}].source")  # readable before any Ray work
+    depth = config.num_hidden_layers
     problems = []
     for index, spec in enumerate(exp.students):
         where = f"students[{index}] ({spec.name})"
@@ -34,6 +36,7 @@ def check_students_fit_teacher(exp: Experiment) -> None:
         method = get_method(spec.method)(spec.params)
         try:
             copied_layers(method.resolve_shape(spec.student), depth)
+            method.check_teacher(spec.student, config)
             if hasattr(method, "layer_matches"):
                 validate_matches(method.layer_matches(depth, layers), depth, layers)
         except ValueError as error:

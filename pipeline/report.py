@@ -22,6 +22,7 @@ BASELINE = "finetune"
 REPORT_FILE = "report.md"
 PARETO_FILE = "report_pareto.png"
 COST_FILE = "report_training_cost.png"
+EARLY_EXIT_FILE = "report_early_exit.png"
 SIGNIFICANCE = 0.05
 TEACHER_SIGNALS = ("cached", "online", "none")
 
@@ -81,6 +82,10 @@ class ReportPaths:
     markdown: Path
     pareto_png: Path
     cost_png: Path
+    early_exit_png: Path | None = None  # only when a FastBERT student was swept
+
+    def files(self) -> list[Path]:
+        return [path for path in (self.markdown, self.pareto_png, self.cost_png, self.early_exit_png) if path]
 
 
 def training_cost(epoch_seconds: float, train_rows: int, epochs: int, teacher: str) -> dict:
@@ -358,6 +363,117 @@ def _cost_section(rows: list[StudentRow], training: Mapping[str, Mapping]) -> li
             f"![Training cost per student]({COST_FILE})", ""]
 
 
+def _mean_over_seeds(summaries: Sequence[dict], select) -> Spread:
+    return Spread.of([select(summary) for summary in summaries])
+
+
+def _ensemble_section(summaries: Sequence[dict], rows: list[StudentRow]) -> list[str]:
+    """The ensemble's teachers and the ensemble itself, then every student that learned from it, against it."""
+    if "ensemble" not in summaries[0]:
+        return []
+    metric, ensemble = summaries[0]["metric"], summaries[0]["ensemble"]
+    cells = [[f"teacher {index + 1}", f"`{member['source']}` (train.seed {member['seed']})",
+              _points(_mean_over_seeds(summaries, lambda x: x["ensemble"]["teachers"][index]["dev"][metric])),
+              _points(_mean_over_seeds(summaries, lambda x: x["ensemble"]["teachers"][index]["test"][metric]))]
+             for index, member in enumerate(ensemble["teachers"])]
+    ensemble_test = np.array([x["ensemble"]["test"][metric] for x in summaries])
+    cells.append([f"**ensemble of {len(ensemble['teachers'])}**", "argmax of the averaged probabilities",
+                  _points(_mean_over_seeds(summaries, lambda x: x["ensemble"]["dev"][metric])),
+                  _points(Spread.of(ensemble_test))])
+    learners = [row for row in rows if summaries[0]["students"][row.name].get("soft_labels") == "ensemble"]
+    student_cells = [[row.name, row.method, _points(row.test),
+                      _points(Spread.of(np.array([x["students"][row.name]["test"][metric] for x in summaries])
+                                        / ensemble_test)) + "%"] for row in learners]
+    return ["## Teacher ensemble", "",
+            "Students with `soft_labels: ensemble` learn from the teachers' probabilities averaged at the student's "
+            "temperature; the ensemble itself predicts the argmax of their probabilities averaged at T = 1.", "",
+            *_markdown_table(["model", "what", f"dev {metric}", f"test {metric}"], cells), "",
+            *_markdown_table(["student", "method", f"test {metric}", "retention of the ensemble (test)"],
+                             student_cells), ""]
+
+
+def _parameters_section(summaries: Sequence[dict], rows: list[StudentRow]) -> list[str]:
+    """Parameters in the embedding tables and outside them: a small vocabulary (DualTrain) shrinks the first."""
+    teacher = summaries[0]["teacher"].get("parameters")
+    if teacher is None:
+        return []
+
+    def cells(name: str, parameters: dict, compression: list[str]) -> list[str]:
+        return [name, f"{parameters['vocab_size']:,}", f"{parameters['params'] / 1e6:.2f}M",
+                f"{parameters['embedding_params'] / 1e6:.2f}M", f"{parameters['non_embedding_params'] / 1e6:.2f}M",
+                *compression]
+
+    table = [cells("teacher", teacher, ["1.0×", "1.0×", "1.0×"])]
+    for row in rows:
+        student = summaries[0]["students"][row.name]
+        if "parameters" in student:
+            table.append(cells(row.name, student["parameters"], [
+                f"{student['compression']:.1f}×", f"{student['compression_embeddings']:.1f}×",
+                f"{student['compression_non_embedding']:.1f}×"]))
+    return ["## Parameters: embedding tables and the rest", "",
+            "Embedding tables are the word, position and token-type tables; the compression columns are the "
+            "teacher's count ÷ the student's, over all parameters (the *compression* of the table above, embedding "
+            "table included), over the tables alone and over the rest.", "",
+            *_markdown_table(["model", "vocabulary", "params", "embedding tables", "the rest", "compression",
+                              "compression (tables)", "compression (rest)"], table), ""]
+
+
+EXIT_FIELDS = ("dev_accuracy", "test_accuracy", "avg_exit_layer", "latency_ms", "speedup")
+
+
+def early_exit_curves(summaries: Sequence[dict]) -> dict[str, list[dict]]:
+    """Per FastBERT student, its threshold sweep with every field averaged over the seeds' summaries."""
+    curves = {}
+    for name, student in summaries[0]["students"].items():
+        if "early_exit" not in student:
+            continue
+        curves[name] = [{"speed": point["speed"], **{field: float(np.mean(
+            [x["students"][name]["early_exit"][index][field] for x in summaries])) for field in EXIT_FIELDS}}
+                        for index, point in enumerate(student["early_exit"])]
+    return curves
+
+
+def plot_early_exit(curves: Mapping[str, list[dict]], path: Path) -> Path:
+    """Test accuracy and speedup over the teacher against the exit threshold, a line per FastBERT student."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (accuracy_axes, speedup_axes) = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
+    for name, points in curves.items():
+        speeds = [p["speed"] for p in points]
+        accuracy_axes.plot(speeds, [p["test_accuracy"] * 100 for p in points], marker="o", label=name)
+        speedup_axes.plot(speeds, [p["speedup"] for p in points], marker="o", label=name)
+    accuracy_axes.set_ylabel("test accuracy (points)")
+    speedup_axes.set_ylabel("speedup over the teacher (×)")
+    for axes in (accuracy_axes, speedup_axes):
+        axes.set_xlabel("exit threshold (speed): normalised entropy below it exits")
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=8)
+    figure.suptitle("FastBERT early exit")
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return path
+
+
+def _early_exit_section(curves: Mapping[str, list[dict]]) -> list[str]:
+    if not curves:
+        return []
+    lines = ["## Early exit (FastBERT)", "",
+             "Adaptive inference: after each layer a sample leaves with that layer's branch when the normalised "
+             "entropy of its prediction is below the threshold (0: nobody leaves early). Accuracy and the mean exit "
+             "layer are over all dev / test sentences; latency is timed like every other latency here (the same "
+             "test batch), with per-sample exit inside the batch.", ""]
+    for name, points in curves.items():
+        cells = [[f"{p['speed']:g}", f"{p['dev_accuracy'] * 100:.1f}", f"{p['test_accuracy'] * 100:.1f}",
+                  f"{p['avg_exit_layer']:.2f}", f"{p['latency_ms']:.1f}", f"{p['speedup']:.2f}×"] for p in points]
+        lines += [f"`{name}`:", "", *_markdown_table(
+            ["threshold", "dev accuracy", "test accuracy", "mean exit layer (test)", "latency ms", "speedup"], cells), ""]
+    return lines + [f"![Early exit: accuracy and speedup against the threshold]({EARLY_EXIT_FILE})", ""]
+
+
 def write_report(workdir: Path, summaries: Sequence[dict], predictions: Mapping[str, Sequence[np.ndarray]],
                  test_labels: np.ndarray, training: Mapping[str, Mapping]) -> ReportPaths:
     """Write ``workdir/report.md`` and its two PNGs.
@@ -378,6 +494,8 @@ def write_report(workdir: Path, summaries: Sequence[dict], predictions: Mapping[
     pareto_png = plot_pareto(points, "speedup", y, workdir / PARETO_FILE,
                              f"{summaries[0]['experiment']}: test {metric} against speedup")
     cost_png = plot_training_cost(rows, training, workdir / COST_FILE)
+    curves = early_exit_curves(summaries)
+    early_exit_png = plot_early_exit(curves, workdir / EARLY_EXIT_FILE) if curves else None
     front = ", ".join(f"{p['name']} ({p['speedup']:.1f}×, {p[y]:.1f})" for p in pareto_front(points, "speedup", y))
     headers, cells = _table(rows, metric)
     spread = f", mean ± std over {seeds} seeds" if seeds > 1 else ", one seed"
@@ -387,10 +505,13 @@ def write_report(workdir: Path, summaries: Sequence[dict], predictions: Mapping[
              "## Students", "", *_markdown_table(headers, cells), "",
              "### Noise", "", *_noise_notes(summaries, len(test_labels)), "",
              *_paired_section(tests, seeds, metric),
+             *_ensemble_section(summaries, rows),
+             *_parameters_section(summaries, rows),
              f"## {metric.capitalize()} against speedup", "",
              f"Pareto set (no other model is at least as fast and as good on test, and better in one): {front}.", "",
              f"![Test {metric} against speedup]({PARETO_FILE})", "",
+             *_early_exit_section(curves),
              *_cost_section(rows, training)]
     markdown = workdir / REPORT_FILE
     markdown.write_text("\n".join(lines))
-    return ReportPaths(markdown, pareto_png, cost_png)
+    return ReportPaths(markdown, pareto_png, cost_png, early_exit_png)

@@ -7,11 +7,15 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from rich.table import Table
+from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from kd.methods import get_method
+from kd.students import parameter_counts
 from pipeline.report import ReportPaths, training_cost, write_report
 from stages.evaluate import TEST_PREDICTIONS
+from stages.student_training import STUDENT_DIR
 
 SIZE_FIELDS = ("params", "size_bytes", "latency_ms", "throughput")
 SUMMARY_FILE = "summary.json"
@@ -27,24 +31,55 @@ def teacher_signals(method_name: str) -> str:
     return "online" if method.online_signals else "cached" if method.cached_signals else "none"
 
 
+def parameter_breakdown(model_dir: Path) -> dict:
+    """A saved model's parameters in its embedding tables and outside them, its vocabulary and width, from its
+    config alone: the model is built on the meta device, so no weights are read or allocated."""
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForSequenceClassification.from_config(config)
+    return {**parameter_counts(model), "vocab_size": config.vocab_size, "hidden_size": config.hidden_size}
+
+
+def ratio(teacher: float, student: float) -> float:
+    return teacher / max(student, 1)
+
+
+def ensemble_summary(exp, prepared: dict) -> dict:
+    """Each teacher of the ensemble and the ensemble itself on dev and test."""
+    result = prepared["ensemble_eval"].result()
+    teachers = [{"source": member.source, "seed": member.train.seed, "dev": metrics["dev"], "test": metrics["test"]}
+                for member, metrics in zip(exp.ensemble.teachers, result["members"], strict=True)]
+    return {"teachers": teachers, "dev": result["dev"], "test": result["test"]}
+
+
 def build_summary(exp, evaluations: dict, distills: dict, prepared: dict, train_rows: dict[str, int]) -> dict:
     """``evaluations`` and ``distills``: stage artifacts by student name (evaluations also has the teacher);
     ``train_rows``: the rows each student trained on (the augmented corpus's, for one trained on it)."""
     teacher_eval = evaluations["teacher"].result()
+    teacher_parameters = parameter_breakdown(prepared["teacher"].path / STUDENT_DIR)
     teacher = {"source": exp.teacher.source, "fine_tuned": prepared["teacher"].result().get("fine_tuned", False),
-               "dev": teacher_eval["dev"], "test": teacher_eval["test"], **{k: teacher_eval[k] for k in SIZE_FIELDS}}
+               "dev": teacher_eval["dev"], "test": teacher_eval["test"], **{k: teacher_eval[k] for k in SIZE_FIELDS},
+               "parameters": teacher_parameters}
     students = {}
     for spec in exp.students:
         result = evaluations[spec.name].result()
         epochs = [h for h in distills[spec.name].result().get("history", []) if "dev" in h]
+        parameters = parameter_breakdown(distills[spec.name].path / STUDENT_DIR)
+        # A width the entry leaves to the method (MobileBERT's bottleneck) is the saved model's.
+        width = parameters["hidden_size"] if parameters["hidden_size"] != teacher_parameters["hidden_size"] else None
         students[spec.name] = {
             "method": spec.method,
             "layers": spec.student.layers,
-            "hidden_size": spec.student.hidden_size or None,
+            "hidden_size": spec.student.hidden_size or width,
+            "soft_labels": spec.soft_labels,
             "dev": result["dev"],
             "test": result["test"],
             **{k: result[k] for k in SIZE_FIELDS},
+            "parameters": parameters,
             "compression": teacher["params"] / result["params"],
+            "compression_embeddings": ratio(teacher_parameters["embedding_params"], parameters["embedding_params"]),
+            "compression_non_embedding": ratio(teacher_parameters["non_embedding_params"],
+                                               parameters["non_embedding_params"]),
             "speedup": teacher["latency_ms"] / result["latency_ms"],
             "teacher_signals": teacher_signals(spec.method),
             "epochs": len(epochs),
@@ -52,8 +87,14 @@ def build_summary(exp, evaluations: dict, distills: dict, prepared: dict, train_
             "train_rows": train_rows[spec.name],
             "evaluate_dir": str(evaluations[spec.name].path),
         }
-    return {"experiment": exp.name, "metric": primary_metric(exp.task.task_type == "regression"),
-            "data_dir": str(prepared["data"].path), "teacher": teacher, "students": students}
+        if "early_exit" in result:
+            students[spec.name]["early_exit"] = [{**point, "speedup": teacher["latency_ms"] / point["latency_ms"]}
+                                                 for point in result["early_exit"]]
+    summary = {"experiment": exp.name, "metric": primary_metric(exp.task.task_type == "regression"),
+               "data_dir": str(prepared["data"].path), "teacher": teacher, "students": students}
+    if "ensemble_eval" in prepared:
+        summary["ensemble"] = ensemble_summary(exp, prepared)
+    return summary
 
 
 def summary_table(summary: dict) -> Table:
@@ -65,6 +106,10 @@ def summary_table(summary: dict) -> Table:
     teacher = summary["teacher"]
     table.add_row("teacher", "-", "-", f"{teacher['params'] / 1e6:.1f}M", "1.0×", f"{teacher['dev'][metric]:.4f}",
                   f"{teacher['test'][metric]:.4f}", f"{teacher['latency_ms']:.1f}", "1.0×", "-", style="bold")
+    if "ensemble" in summary:
+        ensemble = summary["ensemble"]
+        table.add_row(f"ensemble of {len(ensemble['teachers'])}", "-", "-", "-", "-", f"{ensemble['dev'][metric]:.4f}",
+                      f"{ensemble['test'][metric]:.4f}", "-", "-", "-", style="bold")
     rows = sorted(summary["students"].items(), key=lambda item: -item[1]["dev"][metric])
     for name, s in rows:
         table.add_row(name, s["method"], str(s["layers"]), f"{s['params'] / 1e6:.1f}M", f"{s['compression']:.1f}×",

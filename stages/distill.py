@@ -17,6 +17,7 @@ from ray.train.torch import TorchTrainer
 
 from kd.methods import get_method
 from stages.student_training import HISTORY_FILE, STUDENT_DIR, RayTrainIO, train_job, train_student
+from stages.vocabulary import TOKENIZER_DIR
 
 
 def train_loop_per_worker(job: dict[str, Any]) -> None:
@@ -95,14 +96,18 @@ def student_params(spec, inputs) -> dict[str, Any]:
 
 
 def student_job(cfg, spec, inputs) -> tuple[dict[str, Any], Path]:
-    """The training job of a student entry, and the Parquet it trains on (soft labels when the method uses them)."""
-    teacher_dir = str(inputs["teacher"].path / STUDENT_DIR)
+    """The training job of a student entry, and the Parquet it trains on (soft labels when the method uses them).
+
+    The model the method starts from is the teacher's, or with a ``source`` input another student's (a FastBERT
+    wrapping it; its own tokenizer comes along); a ``vocabulary`` input holds the student's own tokenizer."""
+    teacher_dir = str(inputs["source" if "source" in inputs else "teacher"].path / STUDENT_DIR)
     train_source, train_rows = train_corpus(inputs)
     job = train_job(
         method=spec.method, params=student_params(spec, inputs), shape=spec.student.model_dump(), settings=spec.train,
         teacher=teacher_dir, init_model=None, tokenizer=teacher_dir, max_length=cfg.teacher.max_length,
         num_labels=cfg.task.num_labels, regression=cfg.task.task_type == "regression", train_rows=train_rows,
         train_path=str(train_source), torch_threads=worker_threads(cfg),
+        vocabulary=str(inputs["vocabulary"].path / TOKENIZER_DIR) if "vocabulary" in inputs else None,
     )
     return job, train_source
 

@@ -11,9 +11,12 @@ import pandas as pd
 import ray
 import torch
 
-from kd.batching import Collator, iterate_frame
-from kd.evaluation import evaluate_frame, measure_latency, size_on_disk
+from kd.batching import LABEL, Collator, iterate_frame
+from kd.ensemble import ensemble_logits
+from kd.evaluation import evaluate_frame, length_order, measure_latency, size_on_disk, task_metrics
+from kd.fastbert import EarlyExit, FastBertForSequenceClassification, speed_sweep
 from kd.students import count_parameters
+from stages.label import member_inputs
 from stages.student_training import STUDENT_DIR
 from stages.models import load_classifier, load_tokenizer
 
@@ -35,8 +38,27 @@ def student_latency(model_dir: str, data_dir: str, cfg) -> dict:
     return {**timing, "params": count_parameters(model)}
 
 
+def early_exit_sweep(model: FastBertForSequenceClassification, collator: Collator, data_dir: str, cfg) -> list[dict]:
+    """FastBERT's adaptive inference at each of ``evaluate.exit_speeds``: dev and test accuracy, the mean exit
+    layer on test, and the latency of the early-exit path on the same batch and harness as every ``latency_ms``."""
+    sweeps = {}
+    for split in ("dev", "test"):
+        frame = pd.read_parquet(Path(data_dir) / f"{split}.parquet")
+        frame = frame.iloc[length_order(frame)]
+        batches = [collator.encode(rows) for rows in iterate_frame(frame, cfg.evaluate.batch_size)]
+        sweeps[split] = speed_sweep(model, batches, frame[LABEL].to_numpy(), cfg.evaluate.exit_speeds)
+    points = []
+    for dev, test in zip(sweeps["dev"], sweeps["test"]):
+        timing = model_latency(EarlyExit(model, test["speed"]), collator, data_dir, cfg.evaluate.latency_batch_size,
+                               cfg.evaluate.latency_repeats, cfg.evaluate.threads)
+        points.append({"speed": test["speed"], "dev_accuracy": dev["accuracy"], "test_accuracy": test["accuracy"],
+                       "avg_exit_layer": test["avg_exit_layer"], "latency_ms": timing["latency_ms"]})
+    return points
+
+
 def evaluate_model(model_dir: str, data_dir: str, cfg) -> tuple[dict, np.ndarray]:
-    """Dev and test metrics, size and latency of a saved model; also its test logits (for paired tests)."""
+    """Dev and test metrics, size and latency of a saved model; also its test logits (for paired tests). A
+    FastBERT model is also swept over early-exit thresholds (``early_exit``)."""
     regression = cfg.task.task_type == "regression"
     model = load_classifier(model_dir, cfg.task.num_labels)
     collator = Collator(load_tokenizer(model_dir), cfg.teacher.max_length, regression=regression)
@@ -54,7 +76,30 @@ def evaluate_model(model_dir: str, data_dir: str, cfg) -> tuple[dict, np.ndarray
         throughput=timing["throughput"],
         latency_batch_size=timing["batch_size"],
     )
+    if isinstance(model, FastBertForSequenceClassification):
+        result["early_exit"] = early_exit_sweep(model, collator, data_dir, cfg)
     return result, predictions["test"]
+
+
+def evaluate_ensemble(model_dirs: list[str], max_lengths: list[int], data_dir: str, cfg) -> tuple[dict, np.ndarray]:
+    """Dev and test metrics of each teacher of an ensemble and of the ensemble itself, which predicts
+    argmax p̄, p̄ the members' probabilities averaged (at T = 1); also the ensemble's test logits log p̄."""
+    frames = {split: pd.read_parquet(Path(data_dir) / f"{split}.parquet") for split in ("dev", "test")}
+    logits: dict[str, list[np.ndarray]] = {split: [] for split in frames}
+    members = []
+    for model_dir, max_length in zip(model_dirs, max_lengths, strict=True):
+        model = load_classifier(model_dir, cfg.task.num_labels)
+        collator = Collator(load_tokenizer(model_dir), max_length)
+        member = {}
+        for split, frame in frames.items():
+            member[split], split_logits = evaluate_frame(model, collator, frame, cfg.evaluate.batch_size)
+            logits[split].append(torch.from_numpy(split_logits))
+        members.append(member)
+    result: dict = {"members": members}
+    ensemble = {split: ensemble_logits(split_logits).numpy() for split, split_logits in logits.items()}
+    for split, frame in frames.items():
+        result[split] = task_metrics(ensemble[split], frame[LABEL].to_numpy())
+    return result, ensemble["test"]
 
 
 @ray.remote(num_cpus=0)
@@ -73,9 +118,22 @@ class Evaluator:
     def latency(self, model_dir: str, data_dir: str, cfg) -> dict:
         return student_latency(model_dir, data_dir, cfg)
 
+    def evaluate_ensemble(self, model_dirs: list[str], max_lengths: list[int], data_dir: str,
+                          cfg) -> tuple[dict, np.ndarray]:
+        return evaluate_ensemble(model_dirs, max_lengths, data_dir, cfg)
+
 
 def run(cfg, inputs, ctx, out: Path) -> dict:
     result, test_logits = ray.get(ctx.evaluator().evaluate.remote(
         str(inputs["model"].path / STUDENT_DIR), str(inputs["data"].path), cfg))
+    np.save(out / TEST_PREDICTIONS, test_logits)
+    return result
+
+
+def run_ensemble(cfg, inputs, ctx, out: Path) -> dict:
+    """The teacher ensemble's evaluation: inputs ``data`` and its members' teacher artifacts (``member_*``)."""
+    model_dirs = [str(member.path / STUDENT_DIR) for member in member_inputs(inputs)]
+    result, test_logits = ray.get(ctx.evaluator().evaluate_ensemble.remote(
+        model_dirs, [t.max_length for t in cfg.ensemble.teachers], str(inputs["data"].path), cfg))
     np.save(out / TEST_PREDICTIONS, test_logits)
     return result

@@ -10,6 +10,7 @@ import ray
 import torch
 
 from kd.batching import TEACHER_LOGITS, TEXT_A, Collator
+from kd.ensemble import ensemble_logits
 from stages.models import load_classifier, load_tokenizer
 from stages.student_training import STUDENT_DIR
 
@@ -25,8 +26,12 @@ class TeacherPredictor:
         self.model = load_classifier(model_dir, num_labels).eval()
         self.collator = Collator(load_tokenizer(model_dir), max_length)
 
-    @torch.no_grad()
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows[TEACHER_LOGITS] = self.logits(rows)
+        return rows
+
+    @torch.no_grad()
+    def logits(self, rows: dict[str, np.ndarray]) -> np.ndarray:
         """Runs the batch in length-sorted slices: each slice pads only to its own longest text, which on
         sentence corpora roughly halves the tokens computed against padding the whole batch."""
         lengths = np.array([len(str(text)) for text in rows[TEXT_A]])
@@ -39,7 +44,23 @@ class TeacherPredictor:
             if logits is None:
                 logits = np.empty((len(order), output.shape[-1]), dtype=np.float32)
             logits[index] = output
-        rows[TEACHER_LOGITS] = logits
+        return logits
+
+
+class EnsemblePredictor:
+    """Every member of a teacher ensemble in one actor, each with its own tokenizer and max_length; each call adds
+    the ensemble's logits z̄ = T · log p̄, p̄ the members' softmax(z_k / T) averaged (kd.ensemble), so that a
+    method forming softmax(z / T) from them learns exactly p̄."""
+
+    def __init__(self, model_dirs: list[str], max_lengths: list[int], num_labels: int, temperature: float,
+                 threads: int):
+        self.members = [TeacherPredictor(model_dir, num_labels, max_length, threads)
+                        for model_dir, max_length in zip(model_dirs, max_lengths, strict=True)]
+        self.temperature = temperature
+
+    def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        member_logits = [torch.from_numpy(member.logits(rows)) for member in self.members]
+        rows[TEACHER_LOGITS] = ensemble_logits(member_logits, self.temperature).numpy()
         return rows
 
 
@@ -54,17 +75,35 @@ def teacher_pool(cfg) -> dict:
                 resources=cfg.label.resources or None)
 
 
-def label_dataset(dataset: ray.data.Dataset, model_dir: str, cfg) -> ray.data.Dataset:
-    """Append ``teacher_logits`` to every row, streaming blocks through a pool of teacher actors."""
+def teacher_actors(dataset: ray.data.Dataset, predictor: type, cfg, **constructor_kwargs) -> ray.data.Dataset:
+    """``dataset`` streamed through a pool of ``predictor`` actors, each built once with these arguments."""
     return dataset.map_batches(
-        TeacherPredictor,
-        fn_constructor_kwargs={
-            "model_dir": model_dir, "num_labels": cfg.task.num_labels, "max_length": cfg.teacher.max_length,
-            "threads": teacher_threads(cfg),
-        },
+        predictor,
+        fn_constructor_kwargs={"num_labels": cfg.task.num_labels, "threads": teacher_threads(cfg), **constructor_kwargs},
         batch_format="numpy",
         **teacher_pool(cfg),
     )
+
+
+def label_dataset(dataset: ray.data.Dataset, model_dir: str, cfg) -> ray.data.Dataset:
+    """Append ``teacher_logits`` to every row, streaming blocks through a pool of teacher actors."""
+    return teacher_actors(dataset, TeacherPredictor, cfg, model_dir=model_dir, max_length=cfg.teacher.max_length)
+
+
+def ensemble_dataset(dataset: ray.data.Dataset, model_dirs: list[str], max_lengths: list[int], temperature: float,
+                     cfg) -> ray.data.Dataset:
+    """Append the ensemble's ``teacher_logits`` (see EnsemblePredictor) to every row; each actor of the pool holds
+    every member."""
+    return teacher_actors(dataset, EnsemblePredictor, cfg, model_dirs=model_dirs, max_lengths=max_lengths,
+                          temperature=temperature)
+
+
+MEMBER_PREFIX = "member_"
+
+
+def member_inputs(inputs: dict) -> list:
+    """The teacher artifacts of an ensemble, in member order (inputs ``member_0``, ``member_1``, …)."""
+    return [inputs[f"{MEMBER_PREFIX}{index}"] for index in range(sum(name.startswith(MEMBER_PREFIX) for name in inputs))]
 
 
 def read_rows(path: Path, rows: int, cfg) -> ray.data.Dataset:
@@ -81,9 +120,18 @@ def corpus(inputs) -> tuple[Path, int]:
     return inputs["data"].path / "train.parquet", inputs["data"].result()["rows"]["train"]
 
 
-def run(cfg, inputs, ctx, out: Path) -> dict:
+def run(cfg, inputs, ctx, out: Path, temperature: float | None = None) -> dict:
+    """The teacher's soft labels, or with ``member_*`` inputs the ensemble's, averaged at ``temperature``."""
     source = read_rows(*corpus(inputs), cfg)
-    labelled = label_dataset(source, str(inputs["teacher"].path / STUDENT_DIR), cfg)
+    members = member_inputs(inputs)
+    if members:
+        labelled = ensemble_dataset(source, [str(m.path / STUDENT_DIR) for m in members],
+                                    [t.max_length for t in cfg.ensemble.teachers], temperature, cfg)
+    else:
+        labelled = label_dataset(source, str(inputs["teacher"].path / STUDENT_DIR), cfg)
     labelled.write_parquet(str(out / "data"))
     rows = ray.data.read_parquet(str(out / "data")).count()
-    return {"rows": rows}
+    result = {"rows": rows}
+    if members:
+        result.update(teachers=len(members), temperature=temperature)
+    return result

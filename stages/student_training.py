@@ -128,11 +128,14 @@ def as_path(manager) -> Iterator[Path]:
 
 def train_job(*, method: str, params: dict, shape: dict | None, settings: TrainSettings, teacher: str | None,
               init_model: str | None, tokenizer: str, max_length: int, num_labels: int, regression: bool,
-              train_rows: int, train_path: str, torch_threads: int) -> dict[str, Any]:
-    """Everything a worker needs, as plain data so it crosses to Ray workers cheaply."""
+              train_rows: int, train_path: str, torch_threads: int, vocabulary: str | None = None) -> dict[str, Any]:
+    """Everything a worker needs, as plain data so it crosses to Ray workers cheaply. ``tokenizer`` is the
+    teacher's; ``vocabulary`` a folder holding the student's own tokenizer, built once by the pipeline
+    (``Method.vocabulary_key``)."""
     return {
         "method": method, "params": params, "shape": shape, "settings": settings.model_dump(), "teacher": teacher,
-        "init_model": init_model, "tokenizer": tokenizer, "max_length": max_length, "num_labels": num_labels,
+        "init_model": init_model, "tokenizer": tokenizer, "vocabulary": vocabulary, "max_length": max_length,
+        "num_labels": num_labels,
         "regression": regression, "train_rows": train_rows, "train_path": train_path, "torch_threads": torch_threads,
         # Fault injection for the fault-tolerance test, read on the driver: rank 0 dies once at this step.
         "fault_at_step": int(os.environ.get(FAULT_ENV, "0")),
@@ -163,7 +166,10 @@ def corpus_texts(path: str) -> Iterator[str]:
 def build_distiller(job: dict[str, Any], io: TrainIO) -> tuple[Distiller, Collator]:
     method = get_method(job["method"])(job["params"])
     settings = TrainSettings.model_validate(job["settings"])
-    tokenizer = method.student_tokenizer(load_tokenizer(job["tokenizer"]), corpus_texts(job["train_path"]))
+    if job["vocabulary"]:
+        method.vocabulary = load_tokenizer(job["vocabulary"])
+    teacher_tokenizer = load_tokenizer(job["tokenizer"])
+    tokenizer = method.student_tokenizer(teacher_tokenizer, corpus_texts(job["train_path"]))
     teacher = None
     if job["teacher"] is not None:
         teacher = load_classifier(job["teacher"], job["num_labels"], attentions="attentions" in method.online_signals)
@@ -179,7 +185,9 @@ def build_distiller(job: dict[str, Any], io: TrainIO) -> tuple[Distiller, Collat
     device = io.device()
     distiller = Distiller(method, student, teacher, settings, steps, device,
                           wrap=lambda module: io.wrap(module, device))
-    return distiller, Collator(tokenizer, job["max_length"], regression=job["regression"])
+    collator = method.collator(tokenizer, teacher_tokenizer, job["max_length"], job["regression"],
+                               seed=settings.seed + io.rank)
+    return distiller, collator
 
 
 def _print_progress(distiller: Distiller, metrics: dict) -> None:

@@ -14,8 +14,9 @@ from typing import Any, ClassVar, Iterable, Literal, Mapping
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from kd.batching import Collator
 from kd.students import StudentShape, build_student
 
 CACHED_SIGNALS = frozenset({"logits", "mlm_topk"})  # mlm_topk: the teacher's top-k masked-LM distribution per token
@@ -54,10 +55,24 @@ class Method(ABC):
     # What a student trains on when its entry does not say: the task's train split, or the augmented corpus.
     default_data: ClassVar[Literal["task", "augmented"]] = "task"
 
+    # Its loss or inference needs class probabilities (a regression task has none).
+    classification_only: ClassVar[bool] = False
+    # Its student is a plain BERT sequence classifier, which another method (FastBERT) can take as its starting point.
+    bert_student: ClassVar[bool] = True
+
     def __init__(self, params: MethodParams | Mapping[str, Any] | None = None):
         if params is None or isinstance(params, Mapping):
             params = self.Params.model_validate(dict(params or {}))
         self.params = params
+        # The student's own vocabulary, once ``student_tokenizer`` has built it, or as the pipeline hands it over
+        # (see ``vocabulary_key``); ``build_student`` sizes the student's embedding table by it.
+        self.vocabulary: PreTrainedTokenizerBase | None = None
+
+    @classmethod
+    def reads_teacher_logits(cls) -> bool:
+        """Whether the loss reads the teacher's logits (cached, or online), so that an ensemble's averaged soft
+        labels can stand in for them."""
+        return "logits" in cls.cached_signals | cls.online_signals
 
     @property
     def needs_teacher_online(self) -> bool:
@@ -79,6 +94,28 @@ class Method(ABC):
         method that does not read it costs no pass over the corpus).
         """
         return teacher_tokenizer
+
+    def vocabulary_key(self) -> dict[str, Any] | None:
+        """What determines the vocabulary ``student_tokenizer`` trains from the corpus, when that training is not
+        reproducible from process to process (WordPiece): the pipeline then trains it once, in a cached stage keyed
+        by this, and every training worker sets ``self.vocabulary`` to that one. None: no such stage (the
+        teacher's tokenizer, or a vocabulary every worker rebuilds identically)."""
+        return None
+
+    def collator(self, student_tokenizer: PreTrainedTokenizerBase, teacher_tokenizer: PreTrainedTokenizerBase,
+                 max_length: int, regression: bool, seed: int) -> Collator:
+        """What turns rows into training batches; its ``encode`` (plain student inputs) serves evaluation, and its
+        ``tokenizer`` is saved with the student."""
+        return Collator(student_tokenizer, max_length, regression=regression)
+
+    def starts_from(self) -> str | None:
+        """The name of another student of the experiment whose trained model this one is built from (passed to
+        ``build_student`` as its ``teacher``); None: the teacher."""
+        return None
+
+    def check_teacher(self, shape: StudentShape, teacher_config: PretrainedConfig) -> None:
+        """Raise ValueError, naming the field, when a student of ``shape`` cannot be built from a teacher of this
+        config; called before any Ray work, with the teacher's config alone."""
 
     def build_student(self, teacher: PreTrainedModel, shape: StudentShape) -> nn.Module:
         return build_student(teacher, self.resolve_shape(shape))

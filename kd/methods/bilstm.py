@@ -56,10 +56,7 @@ class BiLSTMDistillation(Method):
     Params = BiLSTMParams
     cached_signals = frozenset({"logits"})
     default_data = "augmented"
-
-    def __init__(self, params=None):
-        super().__init__(params)
-        self.vocabulary: PreTrainedTokenizerBase | None = None
+    bert_student = False
 
     def student_tokenizer(self, teacher_tokenizer: PreTrainedTokenizerBase,
                           train_texts: Iterable[str]) -> PreTrainedTokenizerBase:

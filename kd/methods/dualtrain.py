@@ -3,12 +3,12 @@ inputs and one projection shared by all layers (kd.dualtrain describes the desig
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Iterable, Literal
 
 import torch
 from pydantic import Field
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from kd.dualtrain import (
     STUDENT_ATTENTION_MASK,
@@ -16,9 +16,11 @@ from kd.dualtrain import (
     STUDENT_TOKEN_TYPE_IDS,
     STUDENT_UNIT_IDS,
     UNIT_IDS,
+    DualCollator,
     SharedProjection,
     mixed_inputs_embeds,
     pool_units,
+    train_wordpiece,
 )
 from kd.layer_maps import expand_strategy
 from kd.losses import hard_cross_entropy, mean_squared_error, soft_cross_entropy
@@ -28,8 +30,9 @@ from kd.students import StudentShape, build_student
 
 class DualTrainParams(MethodParams):
     vocab_size: int = Field(
-        default=5000, ge=8, description="Rows of the student's word-embedding table, the size its WordPiece "
-        "vocabulary is trained to (the paper's is about 5K).")
+        default=5000, ge=32, description="The size the student's WordPiece vocabulary is trained to on the task's "
+        "train split, and so the rows of its word-embedding table (the paper's is about 5K; it must be smaller than "
+        "the teacher's). The trainer keeps every character it sees, so a tiny size can come out a little larger.")
     p_teacher: float = Field(
         default=0.5, ge=0, le=1, description="Probability that a word is segmented by the teacher's vocabulary in "
         "the student's training input (read by the batch builder, kd.dualtrain.dual_batch).")
@@ -64,16 +67,41 @@ class DualTrain(Method):
     Params = DualTrainParams
     online_signals = frozenset({"logits", "hidden_states"})
     student_outputs = frozenset({"hidden_states"})
+    classification_only = True
+
+    def student_tokenizer(self, teacher_tokenizer: PreTrainedTokenizerBase,
+                          train_texts: Iterable[str]) -> PreTrainedTokenizerBase:
+        """The student's WordPiece vocabulary, trained on ``train_texts`` with the teacher's casing, unless the
+        pipeline handed one over (``vocabulary_key``)."""
+        if self.vocabulary is None:
+            self.vocabulary = train_wordpiece(train_texts, self.params.vocab_size,
+                                              lowercase=getattr(teacher_tokenizer, "do_lower_case", True))
+        return self.vocabulary
+
+    def vocabulary_key(self) -> dict[str, Any]:
+        return {"wordpiece_vocab_size": self.params.vocab_size}
+
+    def check_teacher(self, shape: StudentShape, teacher_config: PretrainedConfig) -> None:
+        if self.params.vocab_size >= teacher_config.vocab_size:
+            raise ValueError(f"params.vocab_size: {self.params.vocab_size} is not smaller than the teacher's "
+                             f"vocabulary ({teacher_config.vocab_size}); the student's own vocabulary is there to "
+                             "shrink the embedding table")
+
+    def collator(self, student_tokenizer, teacher_tokenizer, max_length, regression, seed):
+        return DualCollator(student_tokenizer, teacher_tokenizer, self.params.p_teacher, max_length, seed, regression)
 
     def build_student(self, teacher: PreTrainedModel, shape: StudentShape) -> PreTrainedModel:
+        """A BERT of ``shape`` whose word table has a row per piece of the student's vocabulary (``vocab_size``
+        rows before ``student_tokenizer`` has built it)."""
         student = build_student(teacher, self.resolve_shape(shape))
         config = student.config
-        embeddings = nn.Embedding(self.params.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        rows = len(self.vocabulary) if self.vocabulary is not None else self.params.vocab_size
+        embeddings = nn.Embedding(rows, config.hidden_size, padding_idx=config.pad_token_id)
         nn.init.normal_(embeddings.weight, std=config.initializer_range)
         with torch.no_grad():
             embeddings.weight[config.pad_token_id].zero_()
         student.set_input_embeddings(embeddings)
-        config.vocab_size = self.params.vocab_size
+        config.vocab_size = rows
         return student
 
     def auxiliary_modules(self, student, teacher):

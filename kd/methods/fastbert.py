@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pydantic import Field
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 
 from kd.fastbert import FastBertForSequenceClassification, fastbert_from
 from kd.losses import kl_divergence
@@ -11,9 +11,23 @@ from kd.methods.base import MODEL_INPUTS, Method, MethodParams, register_method
 from kd.students import StudentShape
 
 
+TEACHER = "teacher"
+
+
 class FastBertParams(MethodParams):
     temperature: float = Field(default=1.0, gt=0, description="Softmax temperature T of both distributions.")
     branch_hidden_size: int = Field(default=128, ge=1, description="Hidden width of each branch's MLP (paper: 128).")
+    wrap: str = Field(default=TEACHER, min_length=1, description="The fine-tuned model that gets the branches: "
+                      "'teacher', or the name of another student of the experiment whose BERT it wraps.")
+
+
+def check_wrapped_shape(shape: StudentShape, depth: int, width: int | None, wrapped: str) -> None:
+    """FastBERT keeps the shape of the model it wraps (``width`` None: that model's width is the teacher's)."""
+    if shape.layers != depth or shape.hidden_size not in (None, width):
+        raise ValueError(
+            f"fastbert adds branches to a fine-tuned model and keeps its shape: ask for student.layers={depth} and "
+            f"no other hidden_size, as {wrapped!r} has (got layers={shape.layers}, hidden_size={shape.hidden_size})"
+        )
 
 
 @register_method
@@ -30,15 +44,18 @@ class FastBert(Method):
 
     name = "fastbert"
     Params = FastBertParams
+    bert_student = False  # branches on branches would mean nothing
+    classification_only = True
+
+    def starts_from(self) -> str | None:
+        return None if self.params.wrap == TEACHER else self.params.wrap
+
+    def check_teacher(self, shape: StudentShape, teacher_config: PretrainedConfig) -> None:
+        if self.starts_from() is None:
+            check_wrapped_shape(shape, teacher_config.num_hidden_layers, teacher_config.hidden_size, TEACHER)
 
     def build_student(self, teacher: PreTrainedModel, shape: StudentShape) -> FastBertForSequenceClassification:
-        depth, width = teacher.config.num_hidden_layers, teacher.config.hidden_size
-        if shape.layers != depth or shape.hidden_size not in (None, width):
-            raise ValueError(
-                f"fastbert adds branches to a fine-tuned model and keeps its shape: ask for layers={depth} and no "
-                f"other hidden_size (got layers={shape.layers}, hidden_size={shape.hidden_size}); to speed up a "
-                "smaller student, wrap that student"
-            )
+        check_wrapped_shape(shape, teacher.config.num_hidden_layers, teacher.config.hidden_size, self.params.wrap)
         student = fastbert_from(teacher, self.params.branch_hidden_size)
         student.freeze_backbone()
         return student

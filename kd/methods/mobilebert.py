@@ -87,6 +87,7 @@ class MobileBert(Method):
     online_signals = frozenset({"logits", "hidden_states", "attentions"})
     student_outputs = frozenset({"hidden_states", "attentions"})
     default_init = "random"
+    bert_student = False
 
     def build_student(self, teacher: PreTrainedModel, shape: StudentShape) -> BottleneckBertForSequenceClassification:
         shape = self.resolve_shape(shape)
