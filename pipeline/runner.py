@@ -19,6 +19,7 @@ from pipeline.ray_session import ensure_ray
 from pipeline.summary import SEED_SUMMARIES, SUMMARY_FILE, build_summary, summary_table, write_workdir_report
 from pipeline.tracking import Tracker
 from stages import augment, data, distill, evaluate, label, mlm_teacher, mlm_topk, teacher, vocabulary
+from stages.label import ensemble_temperature
 from stages.student_training import STUDENT_DIR
 
 log = logging.getLogger(__name__)
@@ -26,14 +27,6 @@ log = logging.getLogger(__name__)
 # Bump a stage's version when its code changes what it writes, so old cached outputs are not reused.
 STAGE_VERSIONS = {"data": 1, "teacher": 1, "label": 1, "distill": 1, "evaluate": 1, "mlm_teacher": 1, "augment": 1,
                   "mlm_topk": 1, "vocabulary": 1, "evaluate_ensemble": 1}
-
-
-def ensemble_temperature(spec) -> float | None:
-    """The temperature at which the ensemble's probabilities are averaged for this student (its method's T, 1 for a
-    method without one); None when it learns from the teacher's soft labels."""
-    if spec.soft_labels != "ensemble":
-        return None
-    return float(getattr(spec.params, "temperature", 1.0))
 
 
 def corpus_key(stage: str, data_name: str, temperature: float | None = None) -> str:
@@ -222,8 +215,9 @@ class PipelineRunner:
     def student_inputs(prepared: dict[str, Artifact], spec,
                        distills: dict[str, Artifact] | None = None) -> dict[str, Artifact]:
         """A student's stage inputs; ``label`` is the prepared Parquet it trains on, when it is not the train split,
-        ``vocabulary`` its own tokenizer, ``mlm_teacher`` the masked LM whose head it takes (the distill stage fills in
-        ``params.mlm_head``, so the student's key follows that artifact's key, not its path), and ``source`` the distilled student it starts from (in ``distills``)."""
+        ``vocabulary`` its own tokenizer, ``mlm_teacher`` the masked LM whose head it takes (the distill stage fills
+        in ``params.mlm_head``, so the student's key follows that artifact's key, not its path), and ``source`` the
+        distilled student it starts from (in ``distills``)."""
         inputs = {"data": prepared["data"], "teacher": prepared["teacher"]}
         corpus = student_corpus(spec)
         if corpus is not None:

@@ -16,6 +16,8 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from kd.methods import get_method
+from stages.errors import StageError
+from stages.label import ensemble_temperature
 from stages.student_training import HISTORY_FILE, STUDENT_DIR, RayTrainIO, train_job, train_student
 from stages.vocabulary import TOKENIZER_DIR
 
@@ -95,11 +97,29 @@ def student_params(spec, inputs) -> dict[str, Any]:
     return params
 
 
+def check_prepared_for(spec, inputs) -> None:
+    """The vocabulary and ensemble soft labels in ``inputs`` are those this entry asks for: a search that samples
+    what they were built from (a vocabulary size, an ensemble student's temperature) would otherwise train every
+    trial on the base entry's."""
+    method = get_method(spec.method)(spec.params)
+    if "vocabulary" in inputs:
+        built, wanted = inputs["vocabulary"].result(), method.vocabulary_key()
+        if any(built.get(key) != value for key, value in wanted.items()):
+            raise StageError(f"{spec.name}: the prepared vocabulary was built for {built}, the student asks for "
+                             f"{wanted}; a search cannot vary what the vocabulary is built from")
+    temperature = ensemble_temperature(spec)
+    averaged_at = inputs["label"].result().get("temperature") if temperature is not None else None
+    if averaged_at != temperature:
+        raise StageError(f"{spec.name}: the ensemble's soft labels were averaged at T={averaged_at}, the student "
+                         f"learns at T={temperature}; a search cannot vary the temperature of an ensemble student")
+
+
 def student_job(cfg, spec, inputs) -> tuple[dict[str, Any], Path]:
     """The training job of a student entry, and the Parquet it trains on (soft labels when the method uses them).
 
     The model the method starts from is the teacher's, or with a ``source`` input another student's (a FastBERT
     wrapping it; its own tokenizer comes along); a ``vocabulary`` input holds the student's own tokenizer."""
+    check_prepared_for(spec, inputs)
     teacher_dir = str(inputs["source" if "source" in inputs else "teacher"].path / STUDENT_DIR)
     train_source, train_rows = train_corpus(inputs)
     job = train_job(

@@ -101,6 +101,14 @@ def ensemble_dataset(dataset: ray.data.Dataset, model_dirs: list[str], max_lengt
 MEMBER_PREFIX = "member_"
 
 
+def ensemble_temperature(spec) -> float | None:
+    """The temperature at which the ensemble's probabilities are averaged for this student entry (its method's
+    T, 1 for a method without one); None when it learns from the teacher's soft labels."""
+    if spec.soft_labels != "ensemble":
+        return None
+    return float(getattr(spec.params, "temperature", 1.0))
+
+
 def member_inputs(inputs: dict) -> list:
     """The teacher artifacts of an ensemble, in member order (inputs ``member_0``, ``member_1``, …)."""
     return [inputs[f"{MEMBER_PREFIX}{index}"] for index in range(sum(name.startswith(MEMBER_PREFIX) for name in inputs))]
