@@ -17,7 +17,7 @@ from conftest import tiny_bert_config
 from kd.batching import LABEL, TEACHER_LOGITS, TEXT_A
 from kd.dualtrain import STUDENT_INPUT_IDS, UNIT_IDS, DualCollator, train_wordpiece
 from kd.ensemble import ensemble_logits
-from kd.methods import get_method
+from kd.training import TrainSettings
 from pipeline.artifacts import Artifact, content_key
 from pipeline.config import ConfigError, load_experiment, validate
 from pipeline.preflight import check_students_fit_teacher
@@ -27,7 +27,6 @@ from stages import vocabulary
 from stages.label import EnsemblePredictor, TeacherPredictor
 from stages.models import load_tokenizer
 from stages.student_training import STUDENT_DIR, LocalIO, build_distiller, train_job
-from kd.training import TrainSettings
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 SENTENCES = ["the movie was good", "a bad plot", "the actor is great", "not very fun", "a dull film",
