@@ -34,12 +34,11 @@ def cluster_address(address: str | None) -> str | None:
         raise StageError(f"ray.address {address!r}: {error}") from None
 
 
-def check_reachable(address: str, host_port: str) -> None:
+def check_reachable(address: str, host_port: str, client: bool) -> None:
     """One RPC to the head, bounded by CONNECT_TIMEOUT_S, or one clear error instead of a long hang. A TCP
     connect is not enough: a proxy or firewall in between may accept it (one here even answers HTTP/2)."""
     if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
         return  # the probe's plain channel cannot speak to a TLS head; ray.init will
-    client = address.startswith(RAY_CLIENT_SCHEME)
     with grpc.insecure_channel(host_port) as channel:
         try:
             if client:
@@ -64,7 +63,9 @@ def check_ray(ray_cfg) -> str | None:
     """Fails fast when the configured cluster does not answer; returns its host:port (None: Ray starts here)."""
     target = cluster_address(ray_cfg.address)
     if target is not None:
-        check_reachable(ray_cfg.address or "auto", target)
+        explicit = ray_cfg.address not in (None, "local", "auto")
+        check_reachable(ray_cfg.address if explicit else f"{target} (from RAY_ADDRESS or this machine's last "
+                        "`ray start`)", target, client=explicit and ray_cfg.address.startswith(RAY_CLIENT_SCHEME))
     return target
 
 
