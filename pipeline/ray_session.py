@@ -77,9 +77,11 @@ def ensure_ray(ray_cfg) -> None:
     # Inside a submitted job this runtime_env is merged with the job's, whose working_dir the workers import.
     kwargs = dict(address=address, logging_level=logging.WARNING, log_to_driver=True,
                   runtime_env={"env_vars": WORKER_ENV})
-    if check_ray(ray_cfg) is None:
+    local = check_ray(ray_cfg) is None
+    if local:
         kwargs.update(num_cpus=ray_cfg.num_cpus)  # only a Ray started here may be sized
     try:
         ray.init(**kwargs)
-    except (ConnectionError, TimeoutError, RuntimeError) as error:
-        raise StageError(f"cannot reach Ray at {ray_cfg.address!r}: {error}") from None
+    except Exception as error:  # a local start that times out raises a bare Exception
+        where = "start a local Ray" if local else f"reach Ray at {ray_cfg.address!r}"
+        raise StageError(f"cannot {where}: {type(error).__name__}: {error}") from None
