@@ -1,6 +1,5 @@
 """Bad inputs get one clear message and a non-zero exit, before any compute where that is possible."""
 
-import socket
 import time
 from pathlib import Path
 
@@ -10,6 +9,8 @@ import yaml
 from typer.testing import CliRunner
 
 from pipeline.cli import app
+
+from conftest import free_port
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -68,15 +69,9 @@ def test_undeclared_labels_stop_the_run_with_the_first_bad_row(tmp_path):
     assert result.exit_code == 1 and "10 row(s)" in result.output and "'meh'" in result.output
 
 
-def closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.mark.parametrize("address", ["127.0.0.1:{port}", "ray://127.0.0.1:{port}", "ray://10.255.255.1:10001"])
 def test_unreachable_ray_address_fails_before_compute(tmp_path, address):
-    address = address.format(port=closed_port())
+    address = address.format(port=free_port())
     started = time.monotonic()
     result = invoke("run", smoke_with(tmp_path, ray__address=address))
     assert result.exit_code == 1 and f"cannot reach Ray at {address!r}" in result.output
