@@ -5,25 +5,83 @@ from __future__ import annotations
 import logging
 import os
 
+import grpc
 import ray
+from ray._private.services import canonicalize_bootstrap_address
+from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc, ray_client_pb2, ray_client_pb2_grpc
 
 from stages.errors import StageError
 
 
 # Workers iterate small datasets every epoch; their progress bars would drown the driver's display.
 WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+RAY_CLIENT_SCHEME = "ray://"
+# ray.init retries an unreachable head for minutes (over five for a GCS address, 30 s for ray://, measured here);
+# a live head answers in milliseconds.
+CONNECT_TIMEOUT_S = 5.0
+
+
+def cluster_address(address: str | None) -> str | None:
+    """The host:port that ``ray.init(address)`` would connect to, or None when it would start a local Ray.
+
+    Ray's own resolution (RAY_ADDRESS, which ``ray job submit`` sets for its entrypoint, then the last
+    ``ray start`` on this machine for 'auto'), so that what is checked is what ray.init uses."""
+    if address is not None and address.startswith(RAY_CLIENT_SCHEME):
+        return address.removeprefix(RAY_CLIENT_SCHEME)
+    try:
+        return canonicalize_bootstrap_address(None if address in (None, "local") else address)
+    except (ConnectionError, ValueError) as error:
+        raise StageError(f"ray.address {address!r}: {error}") from None
+
+
+def check_reachable(address: str, host_port: str, client: bool) -> None:
+    """One RPC to the head, bounded by CONNECT_TIMEOUT_S, or one clear error instead of a long hang. A TCP
+    connect is not enough: a proxy or firewall in between may accept it (one here even answers HTTP/2)."""
+    if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+        return  # the probe's plain channel cannot speak to a TLS head; ray.init will
+    with grpc.insecure_channel(host_port) as channel:
+        try:
+            if client:
+                ray_client_pb2_grpc.RayletDriverStub(channel).ClusterInfo(
+                    ray_client_pb2.ClusterInfoRequest(type=ray_client_pb2.ClusterInfoType.PING), timeout=CONNECT_TIMEOUT_S)
+            else:
+                gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(
+                    gcs_service_pb2.GetClusterIdRequest(), timeout=CONNECT_TIMEOUT_S)
+        except grpc.RpcError as error:
+            code = error.code()
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise StageError(f"cannot reach Ray at {address!r}: no answer from {host_port} ({error.details()}; "
+                                 f"waited up to {CONNECT_TIMEOUT_S:g} s)") from None
+            if code in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
+                server = "Ray client server" if client else "Ray head (GCS)"
+                raise StageError(f"cannot reach Ray at {address!r}: {host_port} answered, but not as a {server} "
+                                 f"({error.details()})") from None
+            # Any other status (e.g. UNAUTHENTICATED without the cluster's token) came from a live Ray head.
+
+
+def check_ray(ray_cfg) -> str | None:
+    """Fails fast when the configured cluster does not answer; returns its host:port (None: Ray starts here)."""
+    target = cluster_address(ray_cfg.address)
+    if target is not None:
+        explicit = ray_cfg.address not in (None, "local", "auto")
+        check_reachable(ray_cfg.address if explicit else f"{target} (from RAY_ADDRESS or this machine's last "
+                        "`ray start`)", target, client=explicit and ray_cfg.address.startswith(RAY_CLIENT_SCHEME))
+    return target
 
 
 def ensure_ray(ray_cfg) -> None:
     if ray.is_initialized():
         return
-    address = None if ray_cfg.address in (None, "local") else ray_cfg.address
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    address = None if ray_cfg.address in (None, "local") else ray_cfg.address
+    # Inside a submitted job this runtime_env is merged with the job's, whose working_dir the workers import.
     kwargs = dict(address=address, logging_level=logging.WARNING, log_to_driver=True,
                   runtime_env={"env_vars": WORKER_ENV})
-    if address is None:
-        kwargs.update(num_cpus=ray_cfg.num_cpus)
+    local = check_ray(ray_cfg) is None
+    if local:
+        kwargs.update(num_cpus=ray_cfg.num_cpus)  # only a Ray started here may be sized
     try:
         ray.init(**kwargs)
-    except (ConnectionError, TimeoutError, RuntimeError) as error:
-        raise StageError(f"cannot reach Ray at {ray_cfg.address!r}: {error}") from None
+    except Exception as error:  # a local start that times out raises a bare Exception
+        where = "start a local Ray" if local else f"reach Ray at {ray_cfg.address!r}"
+        raise StageError(f"cannot {where}: {type(error).__name__}: {error}") from None

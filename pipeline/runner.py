@@ -15,7 +15,7 @@ from rich.console import Console
 from kd.methods import get_method
 from pipeline.artifacts import Artifact, ArtifactStore, content_key, write_result
 from pipeline.config import ConfigError, Experiment, reads_mlm_teacher_head
-from pipeline.ray_session import ensure_ray
+from pipeline.ray_session import check_ray, ensure_ray
 from pipeline.summary import SEED_SUMMARIES, SUMMARY_FILE, build_summary, summary_table, write_workdir_report
 from pipeline.tracking import Tracker
 from stages import augment, data, distill, evaluate, label, mlm_teacher, mlm_topk, teacher, vocabulary
@@ -122,7 +122,9 @@ class PipelineRunner:
         return self._evaluator
 
     def start(self) -> Tracker:
-        """Check MLflow, failing fast before any compute. Ray starts later, once the data has been checked."""
+        """Check the Ray head and MLflow, failing fast before any compute. Ray starts later, once the data has been
+        checked."""
+        check_ray(self.exp.ray)
         self.exp.workdir.mkdir(parents=True, exist_ok=True)
         self.tracker = Tracker(self.exp.tracking_uri, self.exp.experiment_name, self.exp.artifact_root)
         return self.tracker

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -11,6 +12,21 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from stages.errors import StageError
+
+
+# The userinfo of a URL (scheme://user:password@host): credentials belong in the environment
+# (MLFLOW_TRACKING_USERNAME/PASSWORD or _TOKEN, AWS_*), and whatever a URI carries is kept out of params and logs.
+URL_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^/?#@\s]+@")
+
+
+def redact(text: str) -> str:
+    """``text`` with the userinfo of every URL in it replaced by ``***``."""
+    return URL_USERINFO.sub(r"\g<scheme>***@", text)
+
+
+def loggable_params(params: dict) -> dict[str, str]:
+    """Flattened params as MLflow takes them: strings within its length limit, URL credentials redacted."""
+    return {k: redact(str(v))[:6000] for k, v in flatten(params).items()}
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -48,13 +64,13 @@ class Tracker:
                                          if artifact_root is not None else None)
             self.experiment_id = mlflow.set_experiment(experiment).experiment_id
         except Exception as error:
-            raise StageError(f"MLflow tracking at {tracking_uri} is unreachable: {type(error).__name__}: {error}") from None
+            raise StageError(redact(f"MLflow tracking at {tracking_uri} is unreachable: {type(error).__name__}: {error}")) from None
         self.tracking_uri = tracking_uri
 
     @contextmanager
     def pipeline_run(self, name: str, params: dict) -> Iterator[mlflow.ActiveRun]:
         with mlflow.start_run(run_name=name) as run:
-            mlflow.log_params({k: str(v)[:6000] for k, v in flatten(params).items()})
+            mlflow.log_params(loggable_params(params))
             yield run
 
     def log_stage(self, name: str, *, params: dict, result: dict, tags: dict[str, str],
@@ -62,7 +78,7 @@ class Tracker:
         with mlflow.start_run(run_name=name, nested=True) as run:
             mlflow.set_tags(tags)
             if params:
-                mlflow.log_params({k: str(v)[:6000] for k, v in flatten(params).items()})
+                mlflow.log_params(loggable_params(params))
             metrics = numeric_leaves({k: v for k, v in result.items() if k not in ("history", "final")})
             if metrics:
                 mlflow.log_metrics(metrics)

@@ -115,10 +115,11 @@ def member_inputs(inputs: dict) -> list:
 
 
 def read_rows(path: Path, rows: int, cfg) -> ray.data.Dataset:
-    """Parquet split into blocks of a few thousand rows: a small file would otherwise be one block, which
-    gives one actor all the work and a progress bar that jumps from 0 to 1."""
-    blocks = max(cfg.label.actors * 4, rows // ROWS_PER_BLOCK)
-    return ray.data.read_parquet(str(path), override_num_blocks=blocks)
+    """Parquet in blocks of at most a few thousand rows, at least four per actor. Ray 2.60 reads one file as one
+    block whatever ``override_num_blocks`` says, which gave one actor all the work (a pool of two on two nodes
+    left one idle) and made the block as large as the split; the streaming repartition splits it as it flows."""
+    rows_per_block = max(1, min(ROWS_PER_BLOCK, -(-rows // (cfg.label.actors * 4))))
+    return ray.data.read_parquet(str(path)).repartition(target_num_rows_per_block=rows_per_block)
 
 
 def corpus(inputs) -> tuple[Path, int]:

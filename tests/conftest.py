@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,13 @@ def toy_batch(labels: bool = True) -> dict[str, torch.Tensor]:
     if labels:
         batch["labels"] = torch.tensor([0, 1, 0, 1])
     return batch
+
+
+def free_port() -> int:
+    """A port nothing listens on now: the OS hands out an unused one, and closing the socket frees it."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

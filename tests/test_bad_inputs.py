@@ -1,5 +1,6 @@
 """Bad inputs get one clear message and a non-zero exit, before any compute where that is possible."""
 
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -8,6 +9,8 @@ import yaml
 from typer.testing import CliRunner
 
 from pipeline.cli import app
+
+from conftest import free_port
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -64,3 +67,13 @@ def test_undeclared_labels_stop_the_run_with_the_first_bad_row(tmp_path):
     pd.DataFrame({"sentence": [f"review {i}" for i in range(30)], "label": ["pos", "neg", "meh"] * 10}).to_csv(data, index=False)
     result = invoke("run", smoke_with(tmp_path, task__source=str(data), task__labels=["neg", "pos"], task__max_rows=None))
     assert result.exit_code == 1 and "10 row(s)" in result.output and "'meh'" in result.output
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:{port}", "ray://127.0.0.1:{port}", "ray://10.255.255.1:10001"])
+def test_unreachable_ray_address_fails_before_compute(tmp_path, address):
+    address = address.format(port=free_port())
+    started = time.monotonic()
+    result = invoke("run", smoke_with(tmp_path, ray__address=address))
+    assert result.exit_code == 1 and f"cannot reach Ray at {address!r}" in result.output
+    assert time.monotonic() - started < 30, "ray.init alone would retry for minutes"
+    assert not (tmp_path / "work").exists()
