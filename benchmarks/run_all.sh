@@ -11,4 +11,5 @@ python=${PYTHON:-.venv/bin/python}
 "$python" benchmarks/bench_train_overhead.py "$@"
 "$python" benchmarks/bench_label.py "$@"
 "$python" benchmarks/bench_augment.py "$@"
+"$python" benchmarks/bench_label_scale.py "$@"
 "$python" benchmarks/bench_methods.py "$@"
