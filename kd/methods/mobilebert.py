@@ -3,21 +3,18 @@ prediction distillation."""
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import PreTrainedModel
 
 from kd.layer_maps import LayerMatch, expand_strategy
 from kd.losses import get_loss, register_loss, soft_cross_entropy
-from kd.methods.base import Method, MethodParams, Phase, register_method
-from kd.methods.tinybert import align_heads
+from kd.methods.base import Method, Phase, register_method
+from kd.methods.tinybert import INTERMEDIATE, PREDICTION, TwoPhaseParams, align_heads
 from kd.mobilebert import BottleneckBertConfig, BottleneckBertForSequenceClassification
 from kd.projections import width_projections
 from kd.students import StudentShape
 
-INTERMEDIATE, PREDICTION = "intermediate", "prediction"
 MOBILEBERT_INTER_WIDTH = 128
 
 
@@ -30,14 +27,9 @@ class MobileBertWeights(BaseModel):
     attention: float = Field(default=1.0, ge=0)
 
 
-class MobileBertParams(MethodParams):
-    temperature: float = Field(default=1.0, gt=0, description="Softmax temperature T of the prediction loss.")
-    strategy: Literal["uniform", "top", "bottom"] = Field(
-        default="uniform", description="Which teacher layer each student layer learns from.")
+class MobileBertParams(TwoPhaseParams):
     intra_size: int | None = Field(
         default=None, ge=8, description="Width inside each block; None: the teacher's hidden size.")
-    intermediate_epochs: int | None = Field(default=None, ge=1, description="None: the student's train.epochs.")
-    prediction_epochs: int | None = Field(default=None, ge=1, description="None: the student's train.epochs.")
     weights: MobileBertWeights = Field(default_factory=MobileBertWeights)
 
 

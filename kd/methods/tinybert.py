@@ -25,12 +25,17 @@ class TinyBertWeights(BaseModel):
     hidden: float = Field(default=1.0, ge=0)
 
 
-class TinyBertParams(MethodParams):
+class TwoPhaseParams(MethodParams):
+    """What TinyBERT and MobileBERT share: layer-to-layer transfer (intermediate phase), then prediction."""
+
     temperature: float = Field(default=1.0, gt=0, description="Softmax temperature T of the prediction loss.")
     strategy: Literal["uniform", "top", "bottom"] = Field(
         default="uniform", description="Which teacher layer each student layer learns from.")
     intermediate_epochs: int | None = Field(default=None, ge=1, description="None: the student's train.epochs.")
     prediction_epochs: int | None = Field(default=None, ge=1, description="None: the student's train.epochs.")
+
+
+class TinyBertParams(TwoPhaseParams):
     weights: TinyBertWeights = Field(default_factory=TinyBertWeights)
 
 
