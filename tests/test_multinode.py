@@ -111,6 +111,19 @@ def processes_under(temp_dir: Path) -> list[psutil.Process]:
     return mine
 
 
+def start_node(stack: ExitStack, command: list[str], log: Path, env: dict[str, str], ready, attempts: int = 3) -> None:
+    """`ray start` gives a raylet a fixed 30 s to register with the GCS, which a loaded machine can miss: that
+    start fails with "timed out during startup" and is tried again."""
+    for attempt in range(1, attempts + 1):
+        proc = stack.enter_context(started(command, log, env))
+        try:
+            wait_until(ready, f"the Ray node ({log.name})", proc, log)
+            return
+        except RuntimeError as error:
+            if attempt == attempts or "timed out during startup" not in str(error):
+                raise
+
+
 @contextmanager
 def two_node_cluster(temp_dir: Path, logs: Path) -> Iterator[str]:
     """A head and a second node as `ray start --block` processes; yields the dashboard (job server) address."""
@@ -127,11 +140,8 @@ def two_node_cluster(temp_dir: Path, logs: Path) -> Iterator[str]:
     env = node_env()
     try:
         with ExitStack() as stack:
-            head_proc = stack.enter_context(started(head, logs / "ray-head.log", env))
-            wait_until(lambda: len(alive_nodes(dashboard)) == 1, "the Ray head", head_proc, logs / "ray-head.log")
-            second_proc = stack.enter_context(started(second, logs / "ray-second.log", env))
-            wait_until(lambda: len(alive_nodes(dashboard)) == 2, "the second Ray node", second_proc,
-                       logs / "ray-second.log")
+            for command, name, nodes in ((head, "head", 1), (second, "second", 2)):
+                start_node(stack, command, logs / f"ray-{name}.log", env, lambda n=nodes: len(alive_nodes(dashboard)) == n)
             yield dashboard
     finally:
         # `ray start --block` stops its node's daemons on SIGTERM; workers follow their raylet. Anything of this
