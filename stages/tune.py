@@ -133,13 +133,29 @@ def scheduler_and_searcher(exp: Experiment, space: SearchSpace, metric: str, epo
     return scheduler, searcher
 
 
+NESTED_TRIAL_CPU = 0.1
+
+
+def check_nested_fits(exp: Experiment, cluster_cpus: float) -> None:
+    """A nested trial holds its own slot and its trainer's workers; Ray Data leaves those out of its budget and
+    needs a whole CPU left for the read tasks feeding the workers, or the trial waits forever (measured: 2 CPUs,
+    one worker)."""
+    needed = NESTED_TRIAL_CPU + exp.ray.num_workers * exp.ray.cpus_per_worker + 1
+    if cluster_cpus < needed:
+        raise StageError(f"tune.trial_mode=nested needs at least {needed:g} CPUs for one trial (the trial, "
+                         f"{exp.ray.num_workers} worker(s) × {exp.ray.cpus_per_worker:g} CPU, and one CPU for "
+                         f"Ray Data's reads); this cluster has {cluster_cpus:g}. Use tune.trial_mode=in_process.")
+
+
 def run_search(exp: Experiment, base_student: dict, space: SearchSpace, inputs: dict[str, Artifact], search_dir: Path,
                tracker_parent: str, experiment_id: str) -> tuple[tune.ResultGrid, float]:
     """Run (or resume) the search; returns Tune's results and the wall time of this invocation."""
     metric = space.metric or "dev_accuracy"
     spec = TypeAdapter(StudentSpec).validate_python(base_student)
     scheduler, searcher = scheduler_and_searcher(exp, space, metric, _expected_epochs(spec))
-    resources = {"CPU": exp.tune.cpus_per_trial} if exp.tune.trial_mode == "in_process" else {"CPU": 0.1}
+    if exp.tune.trial_mode == "nested":
+        check_nested_fits(exp, ray.cluster_resources().get("CPU", 0.0))
+    resources = {"CPU": exp.tune.cpus_per_trial} if exp.tune.trial_mode == "in_process" else {"CPU": NESTED_TRIAL_CPU}
     trainable = tune.with_resources(
         tune.with_parameters(trial, exp_document=exp.model_dump(mode="json"), base_student=base_student,
                              inputs={name: str(a.path) for name, a in inputs.items()}, mode=exp.tune.trial_mode),

@@ -3,8 +3,11 @@
 import pytest
 import yaml
 
-from pipeline.config import ConfigError
+from conftest import SMOKE_CONFIG
+from pipeline.config import ConfigError, load_experiment
 from pipeline.search_space import SPACES_DIR, apply_sample, load_space
+from stages.errors import StageError
+from stages.tune import check_nested_fits
 
 BASE = {"name": "s", "method": "kd", "student": {"layers": 2}, "params": {"temperature": 4.0}}
 
@@ -70,3 +73,10 @@ def test_every_registered_method_has_a_search_space():
     from kd.methods import METHODS
 
     assert set(METHODS) == {path.stem for path in SPACES_DIR.glob("*.yaml")}
+
+
+def test_nested_trials_refuse_a_cluster_without_a_cpu_for_their_reads():
+    exp = load_experiment(SMOKE_CONFIG, ["tune.trial_mode=nested", "ray.num_workers=1", "ray.cpus_per_worker=1"])
+    with pytest.raises(StageError, match="needs at least 2.1 CPUs.*has 2"):
+        check_nested_fits(exp, 2.0)
+    check_nested_fits(exp, 3.0)
