@@ -1,4 +1,4 @@
-"""Every method on one student shape: runs ``python -m pipeline run CONFIG --seeds N`` and collects its report.
+"""Every registered method at one budget: runs ``python -m pipeline run CONFIG --seeds N`` and collects its report.
 
 The pipeline runs as a subprocess exactly as a user would run it (its own output streams through). Afterwards
 the per-seed summaries in the workdir are read back (``pipeline.summary.load_summaries``), the report table
@@ -22,13 +22,13 @@ if __name__ == "__main__" and not __package__:
 from benchmarks._common import REPO_ROOT, console, machine_info, result_path, write_results
 
 NAME = "bench_methods"
-DEFAULT_CONFIG = REPO_ROOT / "configs" / "methods.yaml"
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "benchmark.yaml"
 QUICK_WORKDIR = REPO_ROOT / "runs" / "bench_methods_quick"  # its own cache: a smoke run leaves the real workdir alone
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="Experiment file (default: configs/methods.yaml).")
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="Experiment file (default: configs/benchmark.yaml).")
     parser.add_argument("--seeds", type=int, default=3, help="Seeds per student (default: 3).")
     parser.add_argument("--workdir", default=None, help="Overrides the config's workdir.")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -45,11 +45,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def quick_overrides(config: str) -> list[str]:
     """200 rows and one epoch everywhere: the teacher's, each student's, and each ``*_epochs`` phase length a
-    method's params set (TinyBERT's intermediate and prediction phases)."""
+    method's params set (TinyBERT's intermediate and prediction phases); 10 masked-LM steps and one augmented copy."""
     from pipeline.config import load_experiment
 
     exp = load_experiment(config)
-    overrides = ["task.max_rows=200", "teacher.train.epochs=1"]
+    overrides = ["task.max_rows=200", "teacher.train.epochs=1", "augment.copies=1"]
+    if exp.teacher.mlm is not None:
+        overrides.append("teacher.mlm.steps=10")
     for spec in exp.students:
         overrides.append(f"students.{spec.name}.train.epochs=1")
         overrides += [f"students.{spec.name}.params.{field}=1" for field, value in spec.params.model_dump().items()

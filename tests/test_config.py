@@ -6,6 +6,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from kd.methods import METHODS
 from pipeline.cli import app
 from pipeline.config import ConfigError, apply_override, load_experiment, validate
 
@@ -22,6 +23,25 @@ def minimal(**extra):
 def test_shipped_configs_validate(config):
     exp = load_experiment(config)
     assert exp.students
+
+
+def test_benchmark_config_runs_every_method_and_multi_teacher():
+    exp = load_experiment(CONFIGS / "benchmark.yaml")
+    assert {spec.method for spec in exp.students} == set(METHODS)
+    assert any(spec.soft_labels == "ensemble" for spec in exp.students)
+    assert {spec.data for spec in exp.students if spec.method == "bilstm"} == {"task", "augmented"}
+
+
+@pytest.mark.parametrize("config", ["methods.yaml", "seed_methods.yaml", "quickstart.yaml"])
+def test_benchmark_students_match_the_configs_whose_cache_they_share(config):
+    """Same workdir, teacher and student specs: the benchmark reads these configs' students from the cache."""
+    benchmark, other = load_experiment(CONFIGS / "benchmark.yaml"), load_experiment(CONFIGS / config)
+    assert other.workdir == benchmark.workdir
+    assert other.teacher.model_dump(exclude={"mlm"}) == benchmark.teacher.model_dump(exclude={"mlm"})
+    ours = {spec.name: spec for spec in benchmark.students}
+    for spec in other.students:
+        if spec.name in ours:
+            assert spec == ours[spec.name], spec.name
 
 
 def test_defaults_point_at_packaged_teacher_and_corpus():
