@@ -16,6 +16,12 @@ from stages.errors import StageError
 # Workers iterate small datasets every epoch; their progress bars would drown the driver's display.
 WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
 RAY_CLIENT_SCHEME = "ray://"
+# Ray starts its workers at niceness 15 and its driver, raylet and dashboard at 0. Every forward and training step
+# runs in a worker, so on a machine with few cores each tick of those daemons preempts one of torch's threads and
+# the others wait at its barrier: the label stage's forward passes ran 1.5x slower in an actor than in a bare
+# process (benchmarks/bench_augment.py, 2 cores). A cluster's nodes need the same setting at `ray start`
+# (cluster.yaml).
+LOCAL_SYSTEM_CONFIG = {"worker_niceness": 0}
 # ray.init retries an unreachable head for minutes (over five for a GCS address, 30 s for ray://, measured here);
 # a live head answers in milliseconds.
 CONNECT_TIMEOUT_S = 5.0
@@ -79,7 +85,7 @@ def ensure_ray(ray_cfg) -> None:
                   runtime_env={"env_vars": WORKER_ENV})
     local = check_ray(ray_cfg) is None
     if local:
-        kwargs.update(num_cpus=ray_cfg.num_cpus)  # only a Ray started here may be sized
+        kwargs.update(num_cpus=ray_cfg.num_cpus, _system_config=LOCAL_SYSTEM_CONFIG)  # only a Ray started here
     try:
         ray.init(**kwargs)
     except Exception as error:  # a local start that times out raises a bare Exception

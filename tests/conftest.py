@@ -65,11 +65,10 @@ def ray_session():
     """One local Ray for the whole run: starting Ray costs 5-9 s here."""
     import ray
 
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    from pipeline.ray_session import WORKER_ENV
+    from pipeline.config import RayConfig
+    from pipeline.ray_session import ensure_ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, runtime_env={"env_vars": WORKER_ENV})
+    ensure_ray(RayConfig(address="local", num_cpus=2))
     yield ray
     ray.shutdown()
 

@@ -21,3 +21,10 @@ def test_node_types_carry_the_stage_resources():
     assert types["gpu_worker"]["resources"]["GPU"] == 1
     for name in ("cpu_worker", "gpu_worker"):
         assert {"teacher_labeler", "trainer"} <= set(types[name]["resources"])
+
+
+def test_nodes_start_workers_at_normal_priority():
+    config = yaml.safe_load(CLUSTER.read_text())
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [command for command in config[key] if "ray start" in command]
+        assert starts and all(command.startswith("RAY_worker_niceness=0 ") for command in starts), key

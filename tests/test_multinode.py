@@ -52,7 +52,8 @@ def node_env() -> dict[str, str]:
     # Token auth is on by default once ~/.ray/auth_token exists, whichever process made it; this cluster, on one
     # machine and torn down at the end, runs without, the same on every machine. SIGTERM would otherwise wait
     # up to 30 s for a node to drain.
-    env.update(RAY_AUTH_MODE="disabled", RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0", RAY_USAGE_STATS_ENABLED="0")
+    env.update(RAY_AUTH_MODE="disabled", RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0", RAY_USAGE_STATS_ENABLED="0",
+               RAY_worker_niceness="0")  # as cluster.yaml starts its nodes
     return env
 
 
