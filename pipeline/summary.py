@@ -52,17 +52,32 @@ def ensemble_summary(exp, prepared: dict) -> dict:
     return {"teachers": teachers, "dev": result["dev"], "test": result["test"]}
 
 
-def build_summary(exp, evaluations: dict, distills: dict, prepared: dict, train_rows: dict[str, int]) -> dict:
+def with_timing(result: dict, timing: dict | None) -> dict:
+    """An evaluation's result with its latency figures replaced by ``timing`` (``stages.evaluate.student_latency``),
+    when there is one."""
+    if timing is None:
+        return result
+    result = {**result, "latency_ms": timing["latency_ms"], "throughput": timing["throughput"]}
+    if "early_exit" in result:
+        result["early_exit"] = [{**point, "latency_ms": latency}
+                                for point, latency in zip(result["early_exit"], timing["early_exit_latency_ms"], strict=True)]
+    return result
+
+
+def build_summary(exp, evaluations: dict, distills: dict, prepared: dict, train_rows: dict[str, int],
+                  timings: dict[str, dict] | None = None) -> dict:
     """``evaluations`` and ``distills``: stage artifacts by student name (evaluations also has the teacher);
-    ``train_rows``: the rows each student trained on (the augmented corpus's, for one trained on it)."""
-    teacher_eval = evaluations["teacher"].result()
+    ``train_rows``: the rows each student trained on (the augmented corpus's, for one trained on it); ``timings``:
+    fresh latencies by name (the teacher's under ``teacher``), which replace those of the evaluations."""
+    timings = timings or {}
+    teacher_eval = with_timing(evaluations["teacher"].result(), timings.get("teacher"))
     teacher_parameters = parameter_breakdown(prepared["teacher"].path / STUDENT_DIR)
     teacher = {"source": exp.teacher.source, "fine_tuned": prepared["teacher"].result().get("fine_tuned", False),
                "dev": teacher_eval["dev"], "test": teacher_eval["test"], **{k: teacher_eval[k] for k in SIZE_FIELDS},
                "parameters": teacher_parameters}
     students = {}
     for spec in exp.students:
-        result = evaluations[spec.name].result()
+        result = with_timing(evaluations[spec.name].result(), timings.get(spec.name))
         epochs = [h for h in distills[spec.name].result().get("history", []) if "dev" in h]
         parameters = parameter_breakdown(distills[spec.name].path / STUDENT_DIR)
         # A width the entry leaves to the method (MobileBERT's bottleneck) is the saved model's.

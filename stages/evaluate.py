@@ -31,11 +31,24 @@ def model_latency(model, collator: Collator, data_dir: str, batch_size: int, rep
 
 
 def student_latency(model_dir: str, data_dir: str, cfg) -> dict:
+    """A saved model's latency and parameters; for a FastBERT model also the latency at each of
+    ``evaluate.exit_speeds`` (``early_exit_latency_ms``)."""
     model = load_classifier(model_dir, cfg.task.num_labels)
     collator = Collator(load_tokenizer(model_dir), cfg.teacher.max_length, regression=cfg.task.task_type == "regression")
     timing = model_latency(model, collator, data_dir, cfg.evaluate.latency_batch_size, cfg.evaluate.latency_repeats,
                            cfg.evaluate.threads)
-    return {**timing, "params": count_parameters(model)}
+    timing["params"] = count_parameters(model)
+    if isinstance(model, FastBertForSequenceClassification):
+        timing["early_exit_latency_ms"] = early_exit_latencies(model, collator, data_dir, cfg)
+    return timing
+
+
+def early_exit_latencies(model: FastBertForSequenceClassification, collator: Collator, data_dir: str, cfg) -> list[float]:
+    """The early-exit path's latency at each of ``evaluate.exit_speeds``, on the batch and harness of every
+    ``latency_ms``."""
+    return [model_latency(EarlyExit(model, speed), collator, data_dir, cfg.evaluate.latency_batch_size,
+                          cfg.evaluate.latency_repeats, cfg.evaluate.threads)["latency_ms"]
+            for speed in cfg.evaluate.exit_speeds]
 
 
 def early_exit_sweep(model: FastBertForSequenceClassification, collator: Collator, data_dir: str, cfg) -> list[dict]:
@@ -47,13 +60,10 @@ def early_exit_sweep(model: FastBertForSequenceClassification, collator: Collato
         frame = frame.iloc[length_order(frame)]
         batches = [collator.encode(rows) for rows in iterate_frame(frame, cfg.evaluate.batch_size)]
         sweeps[split] = speed_sweep(model, batches, frame[LABEL].to_numpy(), cfg.evaluate.exit_speeds)
-    points = []
-    for dev, test in zip(sweeps["dev"], sweeps["test"]):
-        timing = model_latency(EarlyExit(model, test["speed"]), collator, data_dir, cfg.evaluate.latency_batch_size,
-                               cfg.evaluate.latency_repeats, cfg.evaluate.threads)
-        points.append({"speed": test["speed"], "dev_accuracy": dev["accuracy"], "test_accuracy": test["accuracy"],
-                       "avg_exit_layer": test["avg_exit_layer"], "latency_ms": timing["latency_ms"]})
-    return points
+    latencies = early_exit_latencies(model, collator, data_dir, cfg)
+    return [{"speed": test["speed"], "dev_accuracy": dev["accuracy"], "test_accuracy": test["accuracy"],
+             "avg_exit_layer": test["avg_exit_layer"], "latency_ms": latency}
+            for dev, test, latency in zip(sweeps["dev"], sweeps["test"], latencies, strict=True)]
 
 
 def evaluate_model(model_dir: str, data_dir: str, cfg) -> tuple[dict, np.ndarray]:

@@ -78,11 +78,29 @@ def test_mlflow_has_parent_and_nested_stage_runs(smoke_run):
     assert "kd_2L.dev_accuracy" in parents[0].data.metrics
 
 
-def test_rerun_recomputes_nothing(smoke_run):
+TIMING_FIELDS = ("latency_ms", "throughput", "speedup")
+
+
+def without_timings(summary: dict) -> dict:
+    models = {"teacher": summary["teacher"], **summary["students"]}
+    untimed = {name: {k: v for k, v in model.items() if k not in TIMING_FIELDS} for name, model in models.items()}
+    return {**summary, "teacher": untimed.pop("teacher"), "students": untimed}
+
+
+def test_rerun_recomputes_nothing_but_times_every_model_again(smoke_run):
     exp, _, summary = smoke_run
     again = PipelineRunner(exp, Console(width=160))
-    assert again.run() == summary
+    timed = []
+    time_cached_models = again.time_cached_models
+    again.time_cached_models = lambda *args: timed.append(time_cached_models(*args)) or timed[-1]
+    rerun = again.run()
     assert again.counts == {"ran": 0, "cached": 8}
+    assert without_timings(rerun) == without_timings(summary)
+    # Cached evaluations timed the models in the first run; the rerun's speedups come from timings of its own.
+    assert set(timed[0]) == {"teacher", *summary["students"]}
+    for name, student in rerun["students"].items():
+        assert student["latency_ms"] == timed[0][name]["latency_ms"]
+        assert student["speedup"] == timed[0]["teacher"]["latency_ms"] / timed[0][name]["latency_ms"]
 
 
 def test_changing_a_student_reruns_only_its_distill_and_evaluate(smoke_run):

@@ -23,6 +23,7 @@ from pipeline.config import ConfigError, load_experiment, validate
 from pipeline.preflight import check_students_fit_teacher
 from pipeline.report import EARLY_EXIT_FILE, early_exit_curves, write_report
 from pipeline.runner import STAGE_VERSIONS, corpus_key, evaluate_slice, student_corpus
+from pipeline.summary import with_timing
 from stages import vocabulary
 from stages.label import EnsemblePredictor, TeacherPredictor
 from stages.models import load_tokenizer
@@ -259,3 +260,13 @@ def test_report_without_seed_methods_has_none_of_their_sections(tmp_path):
     report = paths.markdown.read_text()
     assert paths.early_exit_png is None and not (tmp_path / EARLY_EXIT_FILE).exists()
     assert "Early exit" not in report and "Teacher ensemble" not in report and "embedding tables" not in report
+
+
+def test_fresh_timing_replaces_latencies_and_each_early_exit_latency():
+    result = {"dev": {"accuracy": 0.9}, "latency_ms": 9.0, "throughput": 1.0,
+              "early_exit": [{"speed": 0.0, "latency_ms": 9.0}, {"speed": 0.5, "latency_ms": 7.0}]}
+    timing = {"latency_ms": 4.0, "throughput": 8.0, "params": 10, "early_exit_latency_ms": [4.0, 2.0]}
+    fresh = with_timing(result, timing)
+    assert fresh == {"dev": {"accuracy": 0.9}, "latency_ms": 4.0, "throughput": 8.0,
+                     "early_exit": [{"speed": 0.0, "latency_ms": 4.0}, {"speed": 0.5, "latency_ms": 2.0}]}
+    assert with_timing(result, None) is result and result["latency_ms"] == 9.0
