@@ -85,7 +85,8 @@ def ensure_ray(ray_cfg) -> None:
                   runtime_env={"env_vars": WORKER_ENV})
     local = check_ray(ray_cfg) is None
     if local:
-        kwargs.update(num_cpus=ray_cfg.num_cpus, _system_config=LOCAL_SYSTEM_CONFIG)  # only a Ray started here
+        # Only a Ray started here is ours to size and configure.
+        kwargs.update(num_cpus=ray_cfg.num_cpus, _system_config=LOCAL_SYSTEM_CONFIG)
     try:
         ray.init(**kwargs)
     except Exception as error:  # a local start that times out raises a bare Exception

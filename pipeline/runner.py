@@ -276,9 +276,9 @@ class PipelineRunner:
         if not cached:
             return {}
         with self.console.status(f"[bold]timing {len(cached)} model(s) whose evaluation was cached[/bold] …"):
-            refs = [self.evaluator().latency.remote(str(model_dirs[name] / STUDENT_DIR), str(data_dir), self.exp)
-                    for name in cached]
-            return dict(zip(cached, ray.get(refs), strict=True))
+            timings = ray.get(self.evaluator().time_models.remote(
+                [str(model_dirs[name] / STUDENT_DIR) for name in cached], str(data_dir), self.exp, early_exit=True))
+        return dict(zip(cached, timings, strict=True))
 
     def _run_stages(self) -> dict:
         import mlflow

@@ -92,15 +92,15 @@ def run_tune(exp: Experiment, method: str, student: str | None = None, console: 
         data_dir = str(prepared["data"].path)
         # The teacher is timed again with the trials, not read from its evaluation: a speedup is only a fair
         # ratio when both sides ran under the same load.
-        *timings, teacher_timing = ray.get(
-            [evaluator.latency.remote(r["student_dir"], data_dir, exp) if r["student_dir"] else ray.put(None)
-             for r in records] + [evaluator.latency.remote(str(prepared["teacher"].path / STUDENT_DIR), data_dir, exp)])
+        timed = [record for record in records if record["student_dir"]]
+        *timings, teacher_timing = ray.get(evaluator.time_models.remote(
+            [record["student_dir"] for record in timed] + [str(prepared["teacher"].path / STUDENT_DIR)], data_dir, exp))
         teacher_latency = teacher_timing["latency_ms"]
-        for record, timing in zip(records, timings):
+        for record in records:
             record["method"] = method
-            if timing:
-                record["latency_ms"], record["params"] = timing["latency_ms"], timing["params"]
-                record["speedup"] = teacher_latency / timing["latency_ms"]
+        for record, timing in zip(timed, timings, strict=True):
+            record["latency_ms"], record["params"] = timing["latency_ms"], timing["params"]
+            record["speedup"] = teacher_latency / timing["latency_ms"]
         (search_dir / SEARCH_FILE).write_text(json.dumps(records, indent=2, default=str))
 
         best = results.get_best_result(metric=metric, mode=space.mode)

@@ -53,8 +53,8 @@ def ensemble_summary(exp, prepared: dict) -> dict:
 
 
 def with_timing(result: dict, timing: dict | None) -> dict:
-    """An evaluation's result with its latency figures replaced by ``timing`` (``stages.evaluate.student_latency``),
-    when there is one."""
+    """An evaluation's result with its latency figures replaced by ``timing`` (``stages.evaluate.student_latency``
+    with ``early_exit``), when there is one."""
     if timing is None:
         return result
     result = {**result, "latency_ms": timing["latency_ms"], "throughput": timing["throughput"]}

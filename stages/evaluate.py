@@ -30,15 +30,15 @@ def model_latency(model, collator: Collator, data_dir: str, batch_size: int, rep
     return measure_latency(model, collator.encode(rows), repeats=repeats, threads=threads)
 
 
-def student_latency(model_dir: str, data_dir: str, cfg) -> dict:
-    """A saved model's latency and parameters; for a FastBERT model also the latency at each of
-    ``evaluate.exit_speeds`` (``early_exit_latency_ms``)."""
+def student_latency(model_dir: str, data_dir: str, cfg, early_exit: bool = False) -> dict:
+    """A saved model's latency and parameters; with ``early_exit``, for a FastBERT model also the latency at each
+    of ``evaluate.exit_speeds`` (``early_exit_latency_ms``)."""
     model = load_classifier(model_dir, cfg.task.num_labels)
     collator = Collator(load_tokenizer(model_dir), cfg.teacher.max_length, regression=cfg.task.task_type == "regression")
     timing = model_latency(model, collator, data_dir, cfg.evaluate.latency_batch_size, cfg.evaluate.latency_repeats,
                            cfg.evaluate.threads)
     timing["params"] = count_parameters(model)
-    if isinstance(model, FastBertForSequenceClassification):
+    if early_exit and isinstance(model, FastBertForSequenceClassification):
         timing["early_exit_latency_ms"] = early_exit_latencies(model, collator, data_dir, cfg)
     return timing
 
@@ -125,8 +125,10 @@ class Evaluator:
     def evaluate(self, model_dir: str, data_dir: str, cfg) -> tuple[dict, np.ndarray]:
         return evaluate_model(model_dir, data_dir, cfg)
 
-    def latency(self, model_dir: str, data_dir: str, cfg) -> dict:
-        return student_latency(model_dir, data_dir, cfg)
+    def time_models(self, model_dirs: list[str], data_dir: str, cfg, early_exit: bool = False) -> list[dict]:
+        """``student_latency`` of each model, one after another in this process: timings taken together, under
+        the same load, which is what a speedup (one model's latency over another's) needs."""
+        return [student_latency(model_dir, data_dir, cfg, early_exit) for model_dir in model_dirs]
 
     def evaluate_ensemble(self, model_dirs: list[str], max_lengths: list[int], data_dir: str,
                           cfg) -> tuple[dict, np.ndarray]:
