@@ -8,6 +8,7 @@ Pure PyTorch and transformers; the stages in ``stages/`` run these inside Ray.
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 from typing import Literal, Sequence
 
@@ -21,6 +22,10 @@ from transformers import (
     PreTrainedTokenizerBase,
     get_linear_schedule_with_warmup,
 )
+
+from kd.checkpoints import load_with_new_head
+
+log = logging.getLogger(__name__)
 
 # BERT's masking rate; at evaluation every chosen token becomes [MASK], so the score reads "recover the word".
 MASK_PROBABILITY = 0.15
@@ -45,8 +50,11 @@ class MlmSettings(BaseModel):
 
 def masked_lm_from(model_dir: str) -> PreTrainedModel:
     """A masked LM whose encoder is the model in ``model_dir`` (a classifier folder loads: its classifier and
-    pooler are dropped). A checkpoint without MLM weights gets a freshly initialised head."""
-    return AutoModelForMaskedLM.from_pretrained(model_dir)
+    pooler are dropped). A checkpoint without MLM weights gets a freshly initialised head, and says so in the log."""
+    model, new_weights = load_with_new_head(AutoModelForMaskedLM, model_dir)
+    if new_weights:
+        log.info("%s has no masked-LM head: %d new tensors (%s)", model_dir, len(new_weights), ", ".join(new_weights))
+    return model
 
 
 def head_parameters(model: PreTrainedModel) -> list[torch.nn.Parameter]:

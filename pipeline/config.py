@@ -88,7 +88,7 @@ class TeacherConfig(Strict):
     )
     max_length: int = Field(default=128, ge=8, le=4096)
     finetune: Literal["auto", "always", "never"] = Field(
-        default="auto", description="auto: fine-tune when the checkpoint has no classifier for this task."
+        default="auto", description="auto: fine-tune when the checkpoint has no classifier with this task's number of labels."
     )
     train: TrainSettings = Field(default_factory=lambda: TrainSettings(epochs=2, learning_rate=5e-5))
     mlm: MlmSettings | None = Field(

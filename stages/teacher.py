@@ -11,6 +11,7 @@ import pandas as pd
 from transformers import AutoModelForSequenceClassification
 
 from kd.batching import TEXT_A, TEXT_B
+from kd.checkpoints import load_with_new_head
 from stages.distill import fit, worker_threads
 from stages.student_training import STUDENT_DIR, train_job
 from stages.errors import StageError
@@ -22,13 +23,10 @@ log = logging.getLogger(__name__)
 def load_candidate(source: str, num_labels: int):
     """The checkpoint as a classifier, and whether it already has a trained head for ``num_labels`` classes."""
     try:
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            source, num_labels=num_labels, output_loading_info=True
-        )
+        model, new_weights = load_with_new_head(AutoModelForSequenceClassification, source, num_labels=num_labels)
     except (OSError, ValueError) as error:
         raise StageError(f"cannot load teacher {source!r}: {error}") from None
-    headed = not [k for k in info["missing_keys"] if "classifier" in k] and model.config.num_labels == num_labels
-    return model, headed
+    return model, not new_weights
 
 
 def count_truncated(tokenizer, data_dir: Path, max_length: int) -> dict[str, int]:
