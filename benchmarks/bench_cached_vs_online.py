@@ -41,7 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=1, help="Epochs per run (default: 1).")
     parser.add_argument("--repeats", type=int, default=1,
                         help="Cached and online runs, alternating; figures are medians (default: 1).")
-    parser.add_argument("--layers", type=int, default=3, help="Student layers (default: 3 of the teacher's 6).")
+    parser.add_argument("--layers", type=int, nargs="+", default=[3, 2, 1],
+                        help="Student layer counts, one cached/online pair each (default: 3 2 1 of the teacher's 6): "
+                        "the saving is the teacher's forward, so the ratio grows as the student shrinks.")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--learning-rate", type=float, default=1e-4)
@@ -74,14 +76,15 @@ def online_kd() -> str:
     return ONLINE_KD
 
 
-def train_once(method: str, train_path: Path, dev_path: Path, model_dir: str, args: argparse.Namespace) -> dict:
+def train_once(method: str, layers: int, train_path: Path, dev_path: Path, model_dir: str,
+               args: argparse.Namespace) -> dict:
     from kd.training import TrainSettings
     from stages.student_training import LocalIO, train_job, train_student
 
     settings = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
                              precision=args.precision, seed=args.seed)
     job = train_job(method=method, params={"temperature": args.temperature, "alpha": args.alpha},
-                    shape={"layers": args.layers, "init": "uniform"}, settings=settings, teacher=model_dir,
+                    shape={"layers": layers, "init": "uniform"}, settings=settings, teacher=model_dir,
                     init_model=None, tokenizer=model_dir, max_length=args.max_length, num_labels=NUM_LABELS,
                     regression=False, train_rows=args.rows, train_path=str(train_path), torch_threads=args.threads)
     started = time.perf_counter()
@@ -114,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
     train = rt_rows(args.rows, args.seed)
     dev = rt_rows(args.dev_rows, args.seed, offset=args.rows)
     online = online_kd()
-    runs: dict[str, list[dict]] = {"cached": [], "online": []}
+    runs: dict[int, dict[str, list[dict]]] = {layers: {"cached": [], "online": []} for layers in args.layers}
     with tempfile.TemporaryDirectory(prefix="bench_cached_vs_online_") as scratch:
         scratch = Path(scratch)
         console.print(f"caching teacher logits for {args.rows} rows")
@@ -125,23 +128,16 @@ def main(argv: list[str] | None = None) -> dict:
         # Without the column: the step would otherwise take the cached logits even with the teacher online.
         labelled.drop(columns=[TEACHER_LOGITS]).to_parquet(paths["online"])
         dev.to_parquet(scratch / "dev.parquet")
-        for repeat in range(args.repeats):
-            for variant, method in (("cached", "kd"), ("online", online)):
-                console.print(f"run {repeat + 1}/{args.repeats}: {variant} ({method})")
-                runs[variant].append(train_once(method, paths[variant], scratch / "dev.parquet", model_dir, args))
+        for layers in args.layers:
+            for repeat in range(args.repeats):
+                for variant, method in (("cached", "kd"), ("online", online)):
+                    console.print(f"{layers}-layer student, run {repeat + 1}/{args.repeats}: {variant} ({method})")
+                    runs[layers][variant].append(
+                        train_once(method, layers, paths[variant], scratch / "dev.parquet", model_dir, args))
 
-    cached, online_run = summarise(runs["cached"]), summarise(runs["online"])
-    extra = online_run["epoch_s"] - cached["epoch_s"]
     results = {
-        "cached": cached, "online": online_run,
-        "online_over_cached": online_run["epoch_s"] / cached["epoch_s"],
-        # Same teacher head, rows, batches and seed: the two runs must train the same student, so their losses
-        # agree to float rounding; a gap means the variants did not compute the same thing.
-        "loss_difference": abs(online_run["loss_total"] - cached["loss_total"]),
-        "teacher_ms_per_step": 1000 * extra / cached["steps_per_epoch"],
+        "students": {str(layers): compare(variants, label_seconds["predict_s"]) for layers, variants in runs.items()},
         "labelling": {**label_seconds, "rows": args.rows, "batch_size": LABEL_BATCH},
-        # Caching costs one no-grad teacher pass; it pays off once the epochs' saved teacher passes exceed it.
-        "break_even_epochs": label_seconds["predict_s"] / extra if extra > 0 else None,
         "paper": {**PAPER_SECONDS, "online_over_cached": PAPER_SECONDS["online"] / PAPER_SECONDS["cached"]},
     }
     report(results, args, machine)
@@ -149,26 +145,44 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
+def compare(variants: dict[str, list[dict]], caching_seconds: float) -> dict:
+    """One student size: both variants' epochs and what the online teacher costs against the cache."""
+    cached, online = summarise(variants["cached"]), summarise(variants["online"])
+    extra = online["epoch_s"] - cached["epoch_s"]
+    return {
+        "cached": cached, "online": online,
+        "online_over_cached": online["epoch_s"] / cached["epoch_s"],
+        # Same teacher head, rows, batches and seed: the two runs must train the same student, so their losses
+        # agree to float rounding; a gap means the variants did not compute the same thing.
+        "loss_difference": abs(online["loss_total"] - cached["loss_total"]),
+        "teacher_ms_per_step": 1000 * extra / cached["steps_per_epoch"],
+        # Caching costs one no-grad teacher pass; it pays off once the epochs' saved teacher passes exceed it.
+        "break_even_epochs": caching_seconds / extra if extra > 0 else None,
+    }
+
+
 def report(results: dict, args: argparse.Namespace, machine: dict) -> None:
+    students = results["students"]
     print_table(
-        f"Hinton KD, {args.layers}-layer student, {args.rows} rows, batch {args.batch_size}, {args.precision}, "
-        f"{args.threads} threads",
-        ["teacher logits", "epoch s", "steps/s", "ms/step", "last-epoch loss", "dev accuracy"],
-        [[variant, f"{r['epoch_s']:.1f}", f"{r['steps_per_s']:.2f}", f"{r['ms_per_step']:.0f}", f"{r['loss_total']:.4g}",
-          f"{r['dev_accuracy']:.3f}"] for variant, r in (("cached", results["cached"]), ("online", results["online"]))],
+        f"Hinton KD, {args.rows} rows, batch {args.batch_size}, {args.precision}, {args.threads} threads",
+        ["student layers", "teacher logits", "epoch s", "steps/s", "ms/step", "last-epoch loss", "dev accuracy"],
+        [[layers, variant, f"{r['epoch_s']:.1f}", f"{r['steps_per_s']:.2f}", f"{r['ms_per_step']:.0f}",
+          f"{r['loss_total']:.4g}", f"{r['dev_accuracy']:.3f}"]
+         for layers, student in students.items() for variant, r in (("cached", student["cached"]),
+                                                                   ("online", student["online"]))],
         caption=machine_line(machine),
     )
-    paper = results["paper"]
-    break_even = results["break_even_epochs"]
-    print_table("Cost of the online teacher", ["figure", "value"], [
-        ["online ÷ cached epoch time", f"{results['online_over_cached']:.2f}x"],
-        ["TextSmooth paper (233 s ÷ 92 s)", f"{paper['online_over_cached']:.2f}x"],
-        ["teacher forward per step", f"{results['teacher_ms_per_step']:.0f} ms"],
-        ["caching pass (no grad, batch 128)", f"{results['labelling']['predict_s']:.1f} s "
-                                              f"(+{results['labelling']['load_s']:.1f} s model load)"],
-        ["caching pays off after", f"{break_even:.2f} epochs" if break_even is not None else "never (online no slower)"],
-        ["|online − cached| last-epoch loss (same work: ~0)", f"{results['loss_difference']:.2g}"],
-    ])
+    labelling = results["labelling"]
+    print_table(
+        f"Cost of the online teacher (TextSmooth's paper: 233 s ÷ 92 s = {results['paper']['online_over_cached']:.2f}x; "
+        f"caching pass {labelling['predict_s']:.1f} s + {labelling['load_s']:.1f} s model load, no grad, batch "
+        f"{labelling['batch_size']})",
+        ["student layers", "online ÷ cached", "teacher forward a step", "caching pays off after",
+         "|online − cached| loss (same work: ~0)"],
+        [[layers, f"{s['online_over_cached']:.2f}x", f"{s['teacher_ms_per_step']:.0f} ms",
+          f"{s['break_even_epochs']:.2f} epochs" if s["break_even_epochs"] is not None else "never (online no slower)",
+          f"{s['loss_difference']:.2g}"] for layers, s in students.items()],
+    )
 
 
 if __name__ == "__main__":
