@@ -55,13 +55,19 @@ class RayTrainIO:
         self._train = ray.train
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        self._dev: dict[int, list[Rows]] = {}
 
     def epoch_chunks(self, rows_per_chunk: int) -> Iterable[Rows]:
         return self._train.get_dataset_shard("train").iter_batches(
             batch_size=rows_per_chunk, batch_format="numpy", local_shuffle_buffer_size=rows_per_chunk)
 
     def dev_rows(self, batch_size: int) -> Iterable[Rows]:
-        return self._train.get_dataset_shard("dev").iter_batches(batch_size=batch_size, batch_format="numpy")
+        # Each pass over a Ray dataset starts an execution of its own, seconds on a small machine; the dev split
+        # is the same small set every epoch, so it is read once and kept.
+        if batch_size not in self._dev:
+            self._dev[batch_size] = list(self._train.get_dataset_shard("dev").iter_batches(
+                batch_size=batch_size, batch_format="numpy"))
+        return iter(self._dev[batch_size])
 
     def restore(self) -> ContextManager[Path | None]:
         checkpoint = self._train.get_checkpoint()
