@@ -6,7 +6,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -73,7 +73,6 @@ def size_on_disk(save: Callable[[str], None]) -> int:
         return sum(f.stat().st_size for f in Path(directory).rglob("*") if f.is_file())
 
 
-@torch.no_grad()
 def measure_latency(
     model: nn.Module,
     batch: Mapping[str, torch.Tensor],
@@ -83,20 +82,42 @@ def measure_latency(
 ) -> dict[str, float]:
     """Median wall time of one forward pass over ``batch`` on CPU, with torch threads pinned so that teacher
     and students are timed alike."""
+    return measure_latencies([model], [batch], warmup, repeats, threads)[0]
+
+
+@torch.no_grad()
+def measure_latencies(
+    models: Sequence[nn.Module],
+    batches: Sequence[Mapping[str, torch.Tensor]],
+    warmup: int = 3,
+    repeats: int = 10,
+    threads: int | None = None,
+) -> list[dict[str, float]]:
+    """``measure_latency`` of each model on its batch, the models taken in turn within every repeat.
+
+    Timed one after another, each model gets its own second or two of the machine, and a burst of other work
+    (a Ray daemon's, on 2 cores) lands on one model's whole sample: same-architecture students came out 30% apart.
+    Interleaved, a burst costs every model a sample or two, which the medians drop, so latencies taken together
+    can be divided into speedups.
+    """
     previous = torch.get_num_threads()
     torch.set_num_threads(threads or os.cpu_count() or 1)
+    inputs = [{k: batch[k] for k in MODEL_INPUTS if k in batch} for batch in batches]
+    timings: list[list[float]] = [[] for _ in models]
     try:
-        model.eval()
-        inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-        for _ in range(warmup):
-            model(**inputs)
-        timings = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model(**inputs)
-            timings.append(time.perf_counter() - start)
+        for model in models:
+            model.eval()
+        for round_index in range(warmup + repeats):
+            for model, model_inputs, model_timings in zip(models, inputs, timings, strict=True):
+                start = time.perf_counter()
+                model(**model_inputs)
+                if round_index >= warmup:
+                    model_timings.append(time.perf_counter() - start)
     finally:
         torch.set_num_threads(previous)
-    batch_size = int(inputs["input_ids"].shape[0])
-    median = float(np.median(timings))
-    return {"latency_ms": 1000 * median, "throughput": batch_size / median, "batch_size": batch_size}
+    results = []
+    for model_inputs, model_timings in zip(inputs, timings):
+        batch_size = int(model_inputs["input_ids"].shape[0])
+        median = float(np.median(model_timings))
+        results.append({"latency_ms": 1000 * median, "throughput": batch_size / median, "batch_size": batch_size})
+    return results

@@ -89,7 +89,6 @@ class PipelineRunner:
         self.tracker: Tracker | None = None
         self._evaluator = None
         self.counts = {"ran": 0, "cached": 0}
-        self.ran: set[tuple[str, str]] = set()  # (stage, key) of the artifacts this runner computed
 
     def stage(self, stage: str, label_text: str, fn: Callable, config_slice, inputs: dict[str, Artifact],
               params: dict | None = None, tags: dict | None = None, artifacts: Callable[[Artifact], dict] | None = None) -> Artifact:
@@ -108,7 +107,6 @@ class PipelineRunner:
                     write_result(scratch, result)
             artifact = self.store.lookup(stage, key)
             self.counts["ran"] += 1
-            self.ran.add((stage, key))
             self.console.print(f"[green]✓[/green] {label_text}: done in {artifact.result()['seconds']:.1f}s ({stage}/{key})")
         result = artifact.result()
         self.tracker.log_stage(
@@ -264,21 +262,18 @@ class PipelineRunner:
                 "evaluate", f"evaluate {spec.name}{suffix}", evaluate.run, evaluate_slice(exp, spec),
                 {"model": distills[spec.name], "data": prepared["data"]})
         model_dirs = {"teacher": prepared["teacher"].path, **{name: art.path for name, art in distills.items()}}
-        timings = self.time_cached_models(evaluations, model_dirs, prepared["data"].path)
+        timings = self.time_models(model_dirs, prepared["data"].path)
         return build_summary(exp, evaluations, distills, prepared, train_rows, timings)
 
-    def time_cached_models(self, evaluations: dict[str, Artifact], model_dirs: dict[str, Path],
-                           data_dir: Path) -> dict[str, dict]:
-        """Latencies, taken now, of the models whose evaluation came from the cache: that evaluation timed them
-        in an earlier run, under whatever else the machine was doing then, and a speedup must compare two timings
-        taken under the same load. Models evaluated in this run keep their evaluation's figures."""
-        cached = [name for name, artifact in evaluations.items() if ("evaluate", artifact.key) not in self.ran]
-        if not cached:
-            return {}
-        with self.console.status(f"[bold]timing {len(cached)} model(s) whose evaluation was cached[/bold] …"):
+    def time_models(self, model_dirs: dict[str, Path], data_dir: Path) -> dict[str, dict]:
+        """Latencies of the teacher and every student, taken now and together. Each evaluation timed its model
+        alone, in this run or an earlier one, under whatever else the machine was doing then; a speedup divides
+        two latencies, so the summary takes both from one interleaved timing of all the models."""
+        names = list(model_dirs)
+        with self.console.status(f"[bold]timing {len(names)} models together[/bold] …"):
             timings = ray.get(self.evaluator().time_models.remote(
-                [str(model_dirs[name] / STUDENT_DIR) for name in cached], str(data_dir), self.exp, early_exit=True))
-        return dict(zip(cached, timings, strict=True))
+                [str(model_dirs[name] / STUDENT_DIR) for name in names], str(data_dir), self.exp, early_exit=True))
+        return dict(zip(names, timings, strict=True))
 
     def _run_stages(self) -> dict:
         import mlflow

@@ -53,7 +53,7 @@ def ensemble_summary(exp, prepared: dict) -> dict:
 
 
 def with_timing(result: dict, timing: dict | None) -> dict:
-    """An evaluation's result with its latency figures replaced by ``timing`` (``stages.evaluate.student_latency``
+    """An evaluation's result with its latency figures replaced by ``timing`` (``stages.evaluate.time_saved_models``
     with ``early_exit``), when there is one."""
     if timing is None:
         return result

@@ -13,7 +13,8 @@ import torch
 
 from kd.batching import LABEL, Collator, iterate_frame
 from kd.ensemble import ensemble_logits
-from kd.evaluation import evaluate_frame, length_order, measure_latency, size_on_disk, task_metrics
+from kd.evaluation import (evaluate_frame, length_order, measure_latencies, measure_latency, size_on_disk,
+                           task_metrics)
 from kd.fastbert import EarlyExit, FastBertForSequenceClassification, speed_sweep
 from kd.students import count_parameters
 from stages.label import member_inputs
@@ -23,32 +24,42 @@ from stages.models import load_classifier, load_tokenizer
 TEST_PREDICTIONS = "test_predictions.npy"
 
 
-def model_latency(model, collator: Collator, data_dir: str, batch_size: int, repeats: int, threads: int | None) -> dict:
-    """Latency on the first ``batch_size`` test sentences: the same inputs for the teacher and every student."""
+def latency_batch(collator: Collator, data_dir: str, batch_size: int) -> dict[str, torch.Tensor]:
+    """The first ``batch_size`` test sentences: the same inputs for the teacher and every student."""
     test = pd.read_parquet(Path(data_dir) / "test.parquet")
-    rows = next(iterate_frame(test.head(batch_size), batch_size))
-    return measure_latency(model, collator.encode(rows), repeats=repeats, threads=threads)
+    return collator.encode(next(iterate_frame(test.head(batch_size), batch_size)))
 
 
-def student_latency(model_dir: str, data_dir: str, cfg, early_exit: bool = False) -> dict:
-    """A saved model's latency and parameters; with ``early_exit``, for a FastBERT model also the latency at each
-    of ``evaluate.exit_speeds`` (``early_exit_latency_ms``)."""
-    model = load_classifier(model_dir, cfg.task.num_labels)
-    collator = Collator(load_tokenizer(model_dir), cfg.teacher.max_length, regression=cfg.task.task_type == "regression")
-    timing = model_latency(model, collator, data_dir, cfg.evaluate.latency_batch_size, cfg.evaluate.latency_repeats,
-                           cfg.evaluate.threads)
-    timing["params"] = count_parameters(model)
-    if early_exit and isinstance(model, FastBertForSequenceClassification):
-        timing["early_exit_latency_ms"] = early_exit_latencies(model, collator, data_dir, cfg)
-    return timing
+def exit_paths(model: FastBertForSequenceClassification, cfg) -> list[EarlyExit]:
+    """FastBERT's early-exit path at each of ``evaluate.exit_speeds``, callable as a plain model."""
+    return [EarlyExit(model, speed) for speed in cfg.evaluate.exit_speeds]
 
 
-def early_exit_latencies(model: FastBertForSequenceClassification, collator: Collator, data_dir: str, cfg) -> list[float]:
-    """The early-exit path's latency at each of ``evaluate.exit_speeds``, on the batch and harness of every
-    ``latency_ms``."""
-    return [model_latency(EarlyExit(model, speed), collator, data_dir, cfg.evaluate.latency_batch_size,
-                          cfg.evaluate.latency_repeats, cfg.evaluate.threads)["latency_ms"]
-            for speed in cfg.evaluate.exit_speeds]
+def time_saved_models(model_dirs: list[str], data_dir: str, cfg, early_exit: bool = False) -> list[dict]:
+    """Latency and parameters of each saved model, all timed together (``kd.evaluation.measure_latencies``,
+    interleaved), which is what a speedup, one model's latency over another's, needs. With ``early_exit``, a
+    FastBERT model's early-exit path at each exit speed is timed alongside (``early_exit_latency_ms``)."""
+    owners, modules, batches = [], [], []
+    results: list[dict] = []
+    for index, model_dir in enumerate(model_dirs):
+        model = load_classifier(model_dir, cfg.task.num_labels)
+        collator = Collator(load_tokenizer(model_dir), cfg.teacher.max_length, regression=cfg.task.task_type == "regression")
+        batch = latency_batch(collator, data_dir, cfg.evaluate.latency_batch_size)
+        results.append({"params": count_parameters(model)})
+        paths = exit_paths(model, cfg) if early_exit and isinstance(model, FastBertForSequenceClassification) else []
+        if paths:
+            results[-1]["early_exit_latency_ms"] = []
+        for module in [model, *paths]:
+            owners.append(index)
+            modules.append(module)
+            batches.append(batch)
+    timings = measure_latencies(modules, batches, repeats=cfg.evaluate.latency_repeats, threads=cfg.evaluate.threads)
+    for index, module, timing in zip(owners, modules, timings, strict=True):
+        if isinstance(module, EarlyExit):
+            results[index]["early_exit_latency_ms"].append(timing["latency_ms"])
+        else:
+            results[index].update(timing)
+    return results
 
 
 def early_exit_sweep(model: FastBertForSequenceClassification, collator: Collator, data_dir: str, cfg) -> list[dict]:
@@ -60,7 +71,10 @@ def early_exit_sweep(model: FastBertForSequenceClassification, collator: Collato
         frame = frame.iloc[length_order(frame)]
         batches = [collator.encode(rows) for rows in iterate_frame(frame, cfg.evaluate.batch_size)]
         sweeps[split] = speed_sweep(model, batches, frame[LABEL].to_numpy(), cfg.evaluate.exit_speeds)
-    latencies = early_exit_latencies(model, collator, data_dir, cfg)
+    paths = exit_paths(model, cfg)
+    batch = latency_batch(collator, data_dir, cfg.evaluate.latency_batch_size)
+    latencies = [timing["latency_ms"] for timing in measure_latencies(
+        paths, [batch] * len(paths), repeats=cfg.evaluate.latency_repeats, threads=cfg.evaluate.threads)]
     return [{"speed": test["speed"], "dev_accuracy": dev["accuracy"], "test_accuracy": test["accuracy"],
              "avg_exit_layer": test["avg_exit_layer"], "latency_ms": latency}
             for dev, test, latency in zip(sweeps["dev"], sweeps["test"], latencies, strict=True)]
@@ -77,8 +91,8 @@ def evaluate_model(model_dir: str, data_dir: str, cfg) -> tuple[dict, np.ndarray
     for split in ("dev", "test"):
         frame = pd.read_parquet(Path(data_dir) / f"{split}.parquet")
         result[split], predictions[split] = evaluate_frame(model, collator, frame, cfg.evaluate.batch_size)
-    timing = model_latency(model, collator, data_dir, cfg.evaluate.latency_batch_size, cfg.evaluate.latency_repeats,
-                           cfg.evaluate.threads)
+    timing = measure_latency(model, latency_batch(collator, data_dir, cfg.evaluate.latency_batch_size),
+                             repeats=cfg.evaluate.latency_repeats, threads=cfg.evaluate.threads)
     result.update(
         params=count_parameters(model),
         size_bytes=size_on_disk(model.save_pretrained),
@@ -126,9 +140,7 @@ class Evaluator:
         return evaluate_model(model_dir, data_dir, cfg)
 
     def time_models(self, model_dirs: list[str], data_dir: str, cfg, early_exit: bool = False) -> list[dict]:
-        """``student_latency`` of each model, one after another in this process: timings taken together, under
-        the same load, which is what a speedup (one model's latency over another's) needs."""
-        return [student_latency(model_dir, data_dir, cfg, early_exit) for model_dir in model_dirs]
+        return time_saved_models(model_dirs, data_dir, cfg, early_exit)
 
     def evaluate_ensemble(self, model_dirs: list[str], max_lengths: list[int], data_dir: str,
                           cfg) -> tuple[dict, np.ndarray]:

@@ -1,10 +1,12 @@
 """Students built from a teacher, the pure-PyTorch training loop, and resumable state."""
 
+import time
+
 import torch
 from transformers import AutoModelForSequenceClassification
 
 from kd.batching import Collator
-from kd.evaluation import measure_latency, task_metrics
+from kd.evaluation import measure_latencies, measure_latency, task_metrics
 from kd.methods import get_method
 from kd.students import StudentShape, build_student, count_parameters
 from kd.training import Distiller, TrainSettings
@@ -108,6 +110,30 @@ def test_task_metrics():
 def test_latency_harness_reports_positive_figures(tiny_teacher, tiny_tokenizer):
     timing = measure_latency(tiny_teacher, batch(tiny_tokenizer), warmup=1, repeats=2, threads=1)
     assert timing["latency_ms"] > 0 and timing["batch_size"] == len(TEXTS)
+
+
+class SlowModel(torch.nn.Module):
+    """Sleeps ``seconds`` a call and logs its name: what a timing harness sees, without a real forward pass."""
+
+    def __init__(self, name: str, seconds: float, calls: list[str]):
+        super().__init__()
+        self.name, self.seconds, self.calls = name, seconds, calls
+
+    def forward(self, input_ids, **_):
+        self.calls.append(self.name)
+        time.sleep(self.seconds)
+        return input_ids
+
+
+def test_models_timed_together_take_turns_within_every_repeat():
+    calls: list[str] = []
+    models = [SlowModel("fast", 0.001, calls), SlowModel("slow", 0.02, calls)]
+    batches = [{"input_ids": torch.zeros(4, 3, dtype=torch.long)}, {"input_ids": torch.zeros(2, 3, dtype=torch.long)}]
+    fast, slow = measure_latencies(models, batches, warmup=1, repeats=3, threads=1)
+    assert calls == ["fast", "slow"] * 4  # one warm-up round, then three timed rounds, the models in turn
+    assert 1 <= fast["latency_ms"] < 15 <= slow["latency_ms"] < 200
+    assert (fast["batch_size"], slow["batch_size"]) == (4, 2)
+    assert slow["throughput"] == pytest.approx(2 / (slow["latency_ms"] / 1000))
 
 
 def test_predict_frame_keeps_row_order(tiny_teacher, tiny_tokenizer):

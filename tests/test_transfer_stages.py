@@ -291,7 +291,7 @@ def stage_graph(tmp_path, monkeypatch, mlm_steps: int) -> tuple[list[str], dict,
 
     monkeypatch.setattr(runner, "stage", record)
     monkeypatch.setattr("pipeline.runner.ensure_ray", lambda config: None)
-    monkeypatch.setattr(runner, "time_cached_models", lambda *args: {})
+    monkeypatch.setattr(runner, "time_models", lambda *args: {})
     monkeypatch.setattr("pipeline.runner.build_summary", lambda *args: None)
     prepared = runner.prepare(exp.students)
     runner._run_students(prepared, 0)
