@@ -59,12 +59,27 @@ def quick_overrides(config: str) -> list[str]:
     return overrides
 
 
+def copy_report(workdir: Path, report_copy: Path) -> Path:
+    """The run's report and its figures, next to this benchmark's JSON; each figure's name gets the report's
+    name in front (a quick run's figures must not replace the real run's), and the report's links follow."""
+    from pipeline.report import REPORT_FILE
+
+    report_copy.parent.mkdir(parents=True, exist_ok=True)
+    text = (workdir / REPORT_FILE).read_text()
+    for figure in sorted(workdir.glob("*.png")):
+        target = report_copy.with_name(f"{report_copy.stem}_{figure.name}")
+        shutil.copyfile(figure, target)
+        text = text.replace(f"]({figure.name})", f"]({target.name})")
+    report_copy.write_text(text)
+    return report_copy
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     machine = machine_info()
 
     from pipeline.config import load_experiment
-    from pipeline.report import REPORT_FILE, report_table
+    from pipeline.report import report_table
     from pipeline.summary import load_summaries
 
     command = [sys.executable, "-m", "pipeline", "run", args.config, "--seeds", str(args.seeds),
@@ -84,9 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
     # The run rewrites summaries/seed-0..N-1 but leaves files of an earlier run with more seeds in place.
     summaries = load_summaries(workdir)[:args.seeds]
     console.print(report_table(summaries))
-    report_copy = result_path(NAME, args.quick, ".md")
-    report_copy.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(workdir / REPORT_FILE, report_copy)
+    report_copy = copy_report(workdir, result_path(NAME, args.quick, ".md"))
     results = {"pipeline_command": command, "wall_s": seconds, "workdir": str(workdir),
                "report": report_copy.name, "summaries": summaries}
     write_results(NAME, args.quick, machine, vars(args), results)

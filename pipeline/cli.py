@@ -119,9 +119,11 @@ def promote(name: str = typer.Argument(..., help="Registered model name."),
 
 @app.command()
 def report(workdir: Path = typer.Argument(..., help="A run's workdir (holds summary.json).")) -> None:
-    """Write WORKDIR/report.md and its plots from a finished run (pipeline run writes them too)."""
+    """Write WORKDIR/report.md and its plots from a finished run (pipeline run writes them too), and log them to
+    that run's MLflow run."""
     from pipeline.report import report_table
     from pipeline.summary import load_summaries, write_workdir_report
+    from pipeline.tracking import log_report
 
     try:
         summaries = load_summaries(workdir.resolve())
@@ -129,7 +131,9 @@ def report(workdir: Path = typer.Argument(..., help="A run's workdir (holds summ
         _fail(error)
     paths = write_workdir_report(workdir.resolve(), summaries)
     console.print(report_table(summaries))
-    console.print(f"report: {paths.markdown}")
+    run_id = log_report(workdir.resolve(), paths.files())
+    logged = f"; logged to MLflow run {run_id}" if run_id else "; no MLflow run recorded in the workdir, not logged"
+    console.print(f"report: {paths.markdown}{logged}")
 
 
 @app.command()

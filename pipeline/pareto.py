@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 
 def pareto_front(points: list[dict], x: str, y: str) -> list[dict]:
@@ -18,6 +19,17 @@ def pareto_front(points: list[dict], x: str, y: str) -> list[dict]:
     return sorted(front, key=lambda p: p[x])
 
 
+def group_colours(names: Sequence[str]) -> dict[str, tuple]:
+    """A colour of its own for each name: tab10 up to ten, tab20 beyond (the methods and the teacher are twelve)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    palette, size = ("tab10", 10) if len(names) <= 10 else ("tab20", 20)
+    return {name: plt.get_cmap(palette)(index % size) for index, name in enumerate(names)}
+
+
 def plot_pareto(points: list[dict], x: str, y: str, path: Path, title: str, group: str = "method") -> Path:
     """Scatter of every point coloured by ``group``, the Pareto set joined and ringed."""
     import matplotlib
@@ -26,9 +38,11 @@ def plot_pareto(points: list[dict], x: str, y: str, path: Path, title: str, grou
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for name in sorted({p[group] for p in points}):
+    names = sorted({p[group] for p in points})
+    colours = group_colours(names)
+    for name in names:
         members = [p for p in points if p[group] == name]
-        axes.scatter([p[x] for p in members], [p[y] for p in members], label=name, alpha=0.75)
+        axes.scatter([p[x] for p in members], [p[y] for p in members], label=name, alpha=0.75, color=colours[name])
     front = pareto_front(points, x, y)
     axes.plot([p[x] for p in front], [p[y] for p in front], color="black", linewidth=1, label="Pareto set")
     axes.scatter([p[x] for p in front], [p[y] for p in front], s=140, facecolors="none", edgecolors="black")

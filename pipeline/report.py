@@ -16,7 +16,7 @@ import numpy as np
 from rich.table import Table
 from scipy.stats import binomtest
 
-from pipeline.pareto import pareto_front, plot_pareto
+from pipeline.pareto import group_colours, pareto_front, plot_pareto
 
 BASELINE = "finetune"
 REPORT_FILE = "report.md"
@@ -326,7 +326,7 @@ def plot_training_cost(rows: list[StudentRow], training: Mapping[str, Mapping], 
 
     names = [r.name for r in rows]
     methods = sorted({r.method for r in rows})
-    colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+    colours = group_colours(methods)
     bar_colours = [colours[r.method] for r in rows]
     figure, (seconds_axes, forwards_axes) = plt.subplots(1, 2, figsize=(10, 0.45 * len(rows) + 1.6), dpi=120,
                                                          sharey=True)

@@ -18,7 +18,7 @@ from pipeline.artifacts import Artifact, ArtifactStore, content_key, write_resul
 from pipeline.config import ConfigError, Experiment, reads_mlm_teacher_head
 from pipeline.ray_session import check_ray, ensure_ray
 from pipeline.summary import SEED_SUMMARIES, SUMMARY_FILE, build_summary, summary_table, write_workdir_report
-from pipeline.tracking import Tracker
+from pipeline.tracking import Tracker, log_report, remember_run
 from stages import augment, data, distill, evaluate, label, mlm_teacher, mlm_topk, teacher, vocabulary
 from stages.label import ensemble_temperature
 from stages.student_training import STUDENT_DIR
@@ -132,7 +132,8 @@ class PipelineRunner:
 
     def run(self) -> dict:
         self.start()
-        with self.tracker.pipeline_run(self.exp.name, self.exp.model_dump(mode="json")):
+        with self.tracker.pipeline_run(self.exp.name, self.exp.model_dump(mode="json")) as run:
+            remember_run(self.exp.workdir, self.tracker.tracking_uri, run.info.run_id)
             return self._run_stages()
 
     def prepare(self, students: Iterable) -> dict[str, Artifact]:
@@ -295,8 +296,7 @@ class PipelineRunner:
                             for metric, value in s["dev"].items()})
         self.console.print(summary_table(summary))
         paths = write_workdir_report(exp.workdir, summaries)
-        for report_file in paths.files():
-            mlflow.log_artifact(str(report_file), "report")
+        log_report(exp.workdir, paths.files())
         verdict = "nothing recomputed" if self.counts["ran"] == 0 else f"{self.counts['ran']} stage(s) ran"
         self.console.print(f"{verdict}, {self.counts['cached']} cached. Summary: {path}; report: {paths.markdown}")
         return summary

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from contextlib import contextmanager
@@ -46,6 +47,28 @@ def metric_name(key: str) -> str:
 def numeric_leaves(value: Any) -> dict[str, float]:
     return {k: float(v) for k, v in flatten(value).items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and k}
+
+
+# Which MLflow run a workdir's last pipeline run was: `pipeline report WORKDIR` logs the report it rewrites there.
+RUN_FILE = "mlflow_run.json"
+REPORT_ARTIFACTS = "report"
+
+
+def remember_run(workdir: Path, tracking_uri: str, run_id: str) -> None:
+    (workdir / RUN_FILE).write_text(json.dumps({"tracking_uri": tracking_uri, "run_id": run_id}) + "\n")
+
+
+def log_report(workdir: Path, files: list[Path]) -> str | None:
+    """Log ``files`` under ``report/`` of the MLflow run that last ran in ``workdir`` (replacing what it had
+    there); its run id, or None when the workdir names no run."""
+    record = workdir / RUN_FILE
+    if not record.exists():
+        return None
+    run = json.loads(record.read_text())
+    client = MlflowClient(tracking_uri=run["tracking_uri"])
+    for path in files:
+        client.log_artifact(run["run_id"], str(path), REPORT_ARTIFACTS)
+    return run["run_id"]
 
 
 class Tracker:

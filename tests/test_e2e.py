@@ -7,9 +7,12 @@ import json
 import mlflow
 import pytest
 from rich.console import Console
+from typer.testing import CliRunner
 
+from pipeline.cli import app
 from pipeline.config import load_experiment
 from pipeline.runner import PipelineRunner
+from pipeline.tracking import RUN_FILE
 
 SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
 pytestmark = [pytest.mark.ray, pytest.mark.e2e, pytest.mark.slow]
@@ -46,6 +49,19 @@ def test_report_is_written_and_logged(smoke_run):
               if r.info.run_name == "smoke"][0]
     assert {"report/report.md", "report/report_pareto.png"} <= {
         a.path for a in mlflow.MlflowClient().list_artifacts(parent.info.run_id, "report")}
+
+
+def test_report_command_rewrites_the_report_and_logs_it_to_the_last_run(smoke_run):
+    exp, _, _ = smoke_run
+    run_id = json.loads((exp.workdir / RUN_FILE).read_text())["run_id"]
+    (exp.workdir / "report.md").unlink()
+    result = CliRunner().invoke(app, ["report", str(exp.workdir)])
+    assert result.exit_code == 0, result.output
+    assert (exp.workdir / "report.md").exists()
+    assert f"logged to MLflow run {run_id}" in " ".join(result.output.split())
+    client = mlflow.MlflowClient(exp.tracking_uri)
+    assert "report/report.md" in {a.path for a in client.list_artifacts(run_id, "report")}
+    assert client.get_run(run_id).info.run_name == exp.name
 
 
 def test_students_load_with_auto_classes(smoke_run):

@@ -4,7 +4,7 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline.tracking import Tracker, redact
+from pipeline.tracking import Tracker, log_report, redact, remember_run
 from stages.errors import StageError
 
 SECRET = "s3cr3t-Pa55"
@@ -42,3 +42,16 @@ def test_unreachable_tracking_error_hides_credentials():
     with pytest.raises(StageError) as error:
         Tracker(f"http://alice:{SECRET}@127.0.0.1:9", "safety")
     assert "http://***@127.0.0.1:9" in str(error.value) and SECRET not in str(error.value)
+
+
+def test_log_report_goes_to_the_run_the_workdir_names_and_nowhere_without_one(tmp_path):
+    report = tmp_path / "report.md"
+    report.write_text("# report\n")
+    assert log_report(tmp_path, [report]) is None
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    experiment = client.create_experiment("reports", artifact_location=(tmp_path / "artifacts").as_uri())
+    run_id = client.create_run(experiment).info.run_id
+    remember_run(tmp_path, uri, run_id)
+    assert log_report(tmp_path, [report]) == run_id
+    assert [a.path for a in client.list_artifacts(run_id, "report")] == ["report/report.md"]
