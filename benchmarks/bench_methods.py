@@ -10,6 +10,7 @@ cache are not recomputed, so the wall time is only a training cost on a fresh wo
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import subprocess
 import sys
@@ -60,16 +61,16 @@ def quick_overrides(config: str) -> list[str]:
 
 
 def copy_report(workdir: Path, report_copy: Path) -> Path:
-    """The run's report and its figures, next to this benchmark's JSON; each figure's name gets the report's
+    """The run's report and the figures it links, next to this benchmark's JSON; each figure's name gets the report's
     name in front (a quick run's figures must not replace the real run's), and the report's links follow."""
     from pipeline.report import REPORT_FILE
 
     report_copy.parent.mkdir(parents=True, exist_ok=True)
     text = (workdir / REPORT_FILE).read_text()
-    for figure in sorted(workdir.glob("*.png")):
-        target = report_copy.with_name(f"{report_copy.stem}_{figure.name}")
-        shutil.copyfile(figure, target)
-        text = text.replace(f"]({figure.name})", f"]({target.name})")
+    for name in sorted(set(re.findall(r"\]\(([^)/]+\.png)\)", text))):
+        target = report_copy.with_name(f"{report_copy.stem}_{name}")
+        shutil.copyfile(workdir / name, target)
+        text = text.replace(f"]({name})", f"]({target.name})")
     report_copy.write_text(text)
     return report_copy
 

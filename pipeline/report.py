@@ -496,6 +496,9 @@ def write_report(workdir: Path, summaries: Sequence[dict], predictions: Mapping[
     cost_png = plot_training_cost(rows, training, workdir / COST_FILE)
     curves = early_exit_curves(summaries)
     early_exit_png = plot_early_exit(curves, workdir / EARLY_EXIT_FILE) if curves else None
+    if early_exit_png is None:
+        # An earlier experiment in the same workdir may have had FastBERT; its plot is not this report's.
+        (workdir / EARLY_EXIT_FILE).unlink(missing_ok=True)
     front = ", ".join(f"{p['name']} ({p['speedup']:.1f}×, {p[y]:.1f})" for p in pareto_front(points, "speedup", y))
     headers, cells = _table(rows, metric)
     spread = f", mean ± std over {seeds} seeds" if seeds > 1 else ", one seed"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from pipeline.report import (Spread, find_baseline, mcnemar, paired_tests, report_table, student_rows,
+from pipeline.report import (EARLY_EXIT_FILE, Spread, find_baseline, mcnemar, paired_tests, report_table, student_rows,
                              training_cost, write_report)
 
 N_TEST = 100
@@ -125,7 +125,11 @@ def test_write_report_files_and_markdown(tmp_path):
     rng = np.random.default_rng(0)
     predictions = {name: [logits_for(rng.random(N_TEST) < 0.85, labels) for _ in summaries]
                    for name in summaries[0]["students"]}
+    stale = tmp_path / "run" / EARLY_EXIT_FILE  # an earlier experiment's FastBERT plot in the same workdir
+    stale.parent.mkdir()
+    stale.write_bytes(b"\x89PNG")
     paths = write_report(tmp_path / "run", summaries, predictions, labels, costs(summaries[0]["students"]))
+    assert paths.early_exit_png is None and not stale.exists()
     for png in (paths.pareto_png, paths.cost_png):
         assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
     text = paths.markdown.read_text()
