@@ -24,9 +24,17 @@ from stages.models import load_classifier, load_tokenizer
 TEST_PREDICTIONS = "test_predictions.npy"
 
 
-def latency_batch(collator: Collator, data_dir: str, batch_size: int) -> dict[str, torch.Tensor]:
+def model_collator(model_dir: str, cfg) -> Collator:
+    """Batches for a saved model: its own tokenizer (a student may have its own vocabulary), the teacher's length."""
+    return Collator(load_tokenizer(model_dir), cfg.teacher.max_length, regression=cfg.task.task_type == "regression")
+
+
+def read_split(data_dir: str, split: str) -> pd.DataFrame:
+    return pd.read_parquet(Path(data_dir) / f"{split}.parquet")
+
+
+def latency_batch(collator: Collator, test: pd.DataFrame, batch_size: int) -> dict[str, torch.Tensor]:
     """The first ``batch_size`` test sentences: the same inputs for the teacher and every student."""
-    test = pd.read_parquet(Path(data_dir) / "test.parquet")
     return collator.encode(next(iterate_frame(test.head(batch_size), batch_size)))
 
 
@@ -39,22 +47,18 @@ def time_saved_models(model_dirs: list[str], data_dir: str, cfg, early_exit: boo
     """Latency and parameters of each saved model, all timed together (``kd.evaluation.measure_latencies``,
     interleaved), which is what a speedup, one model's latency over another's, needs. With ``early_exit``, a
     FastBERT model's early-exit path at each exit speed is timed alongside (``early_exit_latency_ms``)."""
-    owners, modules, batches = [], [], []
+    test = read_split(data_dir, "test")
+    entries: list[tuple[int, torch.nn.Module, dict]] = []  # (index of the model, what is timed, its batch)
     results: list[dict] = []
     for index, model_dir in enumerate(model_dirs):
         model = load_classifier(model_dir, cfg.task.num_labels)
-        collator = Collator(load_tokenizer(model_dir), cfg.teacher.max_length, regression=cfg.task.task_type == "regression")
-        batch = latency_batch(collator, data_dir, cfg.evaluate.latency_batch_size)
-        results.append({"params": count_parameters(model)})
+        batch = latency_batch(model_collator(model_dir, cfg), test, cfg.evaluate.latency_batch_size)
         paths = exit_paths(model, cfg) if early_exit and isinstance(model, FastBertForSequenceClassification) else []
-        if paths:
-            results[-1]["early_exit_latency_ms"] = []
-        for module in [model, *paths]:
-            owners.append(index)
-            modules.append(module)
-            batches.append(batch)
-    timings = measure_latencies(modules, batches, repeats=cfg.evaluate.latency_repeats, threads=cfg.evaluate.threads)
-    for index, module, timing in zip(owners, modules, timings, strict=True):
+        results.append({"params": count_parameters(model), **({"early_exit_latency_ms": []} if paths else {})})
+        entries += [(index, module, batch) for module in [model, *paths]]
+    timings = measure_latencies([module for _, module, _ in entries], [batch for *_, batch in entries],
+                                repeats=cfg.evaluate.latency_repeats, threads=cfg.evaluate.threads)
+    for (index, module, _), timing in zip(entries, timings, strict=True):
         if isinstance(module, EarlyExit):
             results[index]["early_exit_latency_ms"].append(timing["latency_ms"])
         else:
@@ -62,17 +66,18 @@ def time_saved_models(model_dirs: list[str], data_dir: str, cfg, early_exit: boo
     return results
 
 
-def early_exit_sweep(model: FastBertForSequenceClassification, collator: Collator, data_dir: str, cfg) -> list[dict]:
-    """FastBERT's adaptive inference at each of ``evaluate.exit_speeds``: dev and test accuracy, the mean exit
-    layer on test, and the latency of the early-exit path on the same batch and harness as every ``latency_ms``."""
+def early_exit_sweep(model: FastBertForSequenceClassification, collator: Collator, frames: dict[str, pd.DataFrame],
+                     cfg) -> list[dict]:
+    """FastBERT's adaptive inference at each of ``evaluate.exit_speeds`` over the dev and test ``frames``: dev and
+    test accuracy, the mean exit layer on test, and the latency of the early-exit path on the same batch and
+    harness as every ``latency_ms``."""
     sweeps = {}
-    for split in ("dev", "test"):
-        frame = pd.read_parquet(Path(data_dir) / f"{split}.parquet")
+    for split, frame in frames.items():
         frame = frame.iloc[length_order(frame)]
         batches = [collator.encode(rows) for rows in iterate_frame(frame, cfg.evaluate.batch_size)]
         sweeps[split] = speed_sweep(model, batches, frame[LABEL].to_numpy(), cfg.evaluate.exit_speeds)
     paths = exit_paths(model, cfg)
-    batch = latency_batch(collator, data_dir, cfg.evaluate.latency_batch_size)
+    batch = latency_batch(collator, frames["test"], cfg.evaluate.latency_batch_size)
     latencies = [timing["latency_ms"] for timing in measure_latencies(
         paths, [batch] * len(paths), repeats=cfg.evaluate.latency_repeats, threads=cfg.evaluate.threads)]
     return [{"speed": test["speed"], "dev_accuracy": dev["accuracy"], "test_accuracy": test["accuracy"],
@@ -83,15 +88,14 @@ def early_exit_sweep(model: FastBertForSequenceClassification, collator: Collato
 def evaluate_model(model_dir: str, data_dir: str, cfg) -> tuple[dict, np.ndarray]:
     """Dev and test metrics, size and latency of a saved model; also its test logits (for paired tests). A
     FastBERT model is also swept over early-exit thresholds (``early_exit``)."""
-    regression = cfg.task.task_type == "regression"
     model = load_classifier(model_dir, cfg.task.num_labels)
-    collator = Collator(load_tokenizer(model_dir), cfg.teacher.max_length, regression=regression)
+    collator = model_collator(model_dir, cfg)
+    frames = {split: read_split(data_dir, split) for split in ("dev", "test")}
     result: dict = {}
     predictions = {}
-    for split in ("dev", "test"):
-        frame = pd.read_parquet(Path(data_dir) / f"{split}.parquet")
+    for split, frame in frames.items():
         result[split], predictions[split] = evaluate_frame(model, collator, frame, cfg.evaluate.batch_size)
-    timing = measure_latency(model, latency_batch(collator, data_dir, cfg.evaluate.latency_batch_size),
+    timing = measure_latency(model, latency_batch(collator, frames["test"], cfg.evaluate.latency_batch_size),
                              repeats=cfg.evaluate.latency_repeats, threads=cfg.evaluate.threads)
     result.update(
         params=count_parameters(model),
@@ -101,14 +105,14 @@ def evaluate_model(model_dir: str, data_dir: str, cfg) -> tuple[dict, np.ndarray
         latency_batch_size=timing["batch_size"],
     )
     if isinstance(model, FastBertForSequenceClassification):
-        result["early_exit"] = early_exit_sweep(model, collator, data_dir, cfg)
+        result["early_exit"] = early_exit_sweep(model, collator, frames, cfg)
     return result, predictions["test"]
 
 
 def evaluate_ensemble(model_dirs: list[str], max_lengths: list[int], data_dir: str, cfg) -> tuple[dict, np.ndarray]:
     """Dev and test metrics of each teacher of an ensemble and of the ensemble itself, which predicts
     argmax p̄, p̄ the members' probabilities averaged (at T = 1); also the ensemble's test logits log p̄."""
-    frames = {split: pd.read_parquet(Path(data_dir) / f"{split}.parquet") for split in ("dev", "test")}
+    frames = {split: read_split(data_dir, split) for split in ("dev", "test")}
     logits: dict[str, list[np.ndarray]] = {split: [] for split in frames}
     members = []
     for model_dir, max_length in zip(model_dirs, max_lengths, strict=True):
