@@ -88,7 +88,7 @@ def train_once(method: str, layers: int, train_path: Path, dev_path: Path, model
                     init_model=None, tokenizer=model_dir, max_length=args.max_length, num_labels=NUM_LABELS,
                     regression=False, train_rows=args.rows, train_path=str(train_path), torch_threads=args.threads)
     started = time.perf_counter()
-    distiller = train_student(job, LocalIO(train_path, dev_path, args.seed), verbose=False)
+    distiller = train_student(job, LocalIO(train_path, dev_path), verbose=False)
     epochs = [record for record in distiller.progress.history if "epoch_seconds" in record]
     return {"epoch_seconds": [record["epoch_seconds"] for record in epochs],
             "steps_per_epoch": distiller.steps_per_epoch,

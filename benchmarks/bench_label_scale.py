@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from pipeline.config import LabelConfig, RayConfig, TaskConfig, TeacherConfig
     from pipeline.ray_session import ensure_ray
-    from stages.student_training import STUDENT_DIR
+    from stages.layout import STUDENT_DIR
 
     results: dict = {"sizes": []}
     with tempfile.TemporaryDirectory(prefix="bench_label_scale_") as scratch:

@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         console.print("bare process (LocalIO)")
         log_path = scratch / "local.jsonl"
-        loop = timed_loop(str(log_path), lambda: LocalIO(train_path, dev_path, args.seed))
+        loop = timed_loop(str(log_path), lambda: LocalIO(train_path, dev_path))
         called = time.time()
         distiller = loop(job)
         results["local"] = timeline(called, time.time(), log_path, distiller.progress.history)

@@ -30,12 +30,22 @@ def get_loss(name: str) -> LossFn:
         raise KeyError(f"unknown loss {name!r}; known: {sorted(LOSSES)}") from None
 
 
+def is_regression_output(logits: torch.Tensor) -> bool:
+    """One output column: a regression model's score, not class logits. A softmax over one column is 1 whatever the
+    score, so KL or soft CE over it would be identically 0 and teach nothing; the soft losses compare scores instead."""
+    return logits.shape[-1] == 1
+
+
 @register_loss("kl")
 def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """T² · KL(softmax(z_t/T) ‖ softmax(z_s/T)), averaged over the batch.
 
     The T² factor keeps the soft-target gradients on the same scale as the hard-label ones (Hinton et al.).
+    With a single output column (a regression task) it is the MSE between the student's and the teacher's scores,
+    and the temperature, which only softens a distribution, plays no part.
     """
+    if is_regression_output(student_logits):
+        return F.mse_loss(student_logits, teacher_logits)
     log_p_student = F.log_softmax(student_logits / temperature, dim=-1)
     log_p_teacher = F.log_softmax(teacher_logits / temperature, dim=-1)
     kl = F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="batchmean")
@@ -44,7 +54,13 @@ def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
 
 @register_loss("soft_ce")
 def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """T² · CE(softmax(z_t/T), softmax(z_s/T)): KL plus the teacher's entropy, as DistilBERT and TinyBERT write it."""
+    """T² · CE(softmax(z_t/T), softmax(z_s/T)): KL plus the teacher's entropy, as DistilBERT and TinyBERT write it.
+
+    With a single output column (a regression task) it is the MSE between the student's and the teacher's scores,
+    as ``kl`` is, without the temperature.
+    """
+    if is_regression_output(student_logits):
+        return F.mse_loss(student_logits, teacher_logits)
     p_teacher = F.softmax(teacher_logits / temperature, dim=-1)
     log_p_student = F.log_softmax(student_logits / temperature, dim=-1)
     return -(p_teacher * log_p_student).sum(-1).mean() * temperature**2
@@ -53,7 +69,17 @@ def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tenso
 @register_loss("ce")
 def hard_cross_entropy(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """CE on gold labels, averaged over the rows that have one: augmented rows (``NO_LABEL``) are left out, and
-    a batch of augmented rows only gives 0 rather than the NaN of an empty mean."""
+    a batch of augmented rows only gives 0 rather than the NaN of an empty mean.
+
+    Floating labels (a regression task) give the MSE between the single output column and the label, over every
+    row: -1.0 is a score like any other, so no row can be marked unlabelled, and pipeline validation refuses
+    augmented data for regression tasks.
+    """
+    if labels.is_floating_point():
+        if not is_regression_output(student_logits):
+            raise ValueError(f"floating (regression) labels need one output column; the logits have "
+                             f"{student_logits.shape[-1]}")
+        return F.mse_loss(student_logits.squeeze(-1), labels.to(student_logits.dtype))
     total = F.cross_entropy(student_logits, labels, ignore_index=NO_LABEL, reduction="sum")
     return total / (labels != NO_LABEL).sum().clamp_min(1)
 
@@ -82,9 +108,13 @@ def cosine_embedding(student: torch.Tensor, teacher: torch.Tensor, mask: torch.T
 
 @register_loss("normalized_mse")
 def normalized_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """BERT-PKD's patient loss: squared distance between L2-normalised vectors, summed over features."""
-    diff = F.normalize(student, dim=-1) - F.normalize(teacher, dim=-1)
-    return (diff**2).sum(-1).mean()
+    """BERT-PKD's patient loss: squared difference of the L2-normalised vectors, averaged over features and batch.
+
+    The mean over features (not a sum) is the scale of the reference implementation (Sun et al.'s code applies
+    ``F.mse_loss`` to the normalised vectors), for which its β = 100 was tuned; a sum would weigh the term d times
+    more (384× for a MiniLM teacher).
+    """
+    return F.mse_loss(F.normalize(student, dim=-1), F.normalize(teacher, dim=-1))
 
 
 @register_loss("logit_mse")

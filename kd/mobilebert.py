@@ -11,7 +11,9 @@ run at d', and a linear map brings the result back to d:
 
 So the parameters that scale with the sequence's token states (embeddings, the residual stream) are d wide, and
 ``hidden_states`` (the embedding output, then each block's output) are d wide. Attention is computed explicitly
-(eager), and ``attentions`` holds each block's probabilities [B, heads, L, L]. MobileBERT's other changes
+(eager), and ``attentions`` holds each block's scaled scores QKᵀ/√d [B, heads, L, L], before the padding mask and
+softmax, so free of attention dropout: the same maps kd.attention's implementation returns for a BERT, which
+distillation compares. MobileBERT's other changes
 (NoNorm instead of LayerNorm, stacked FFNs, ReLU, the 3-convolution embedding) are left out: this student keeps
 BERT's blocks and adds only the bottleneck.
 
@@ -72,7 +74,7 @@ class BottleneckEmbeddings(nn.Module):
 
 
 class BottleneckSelfAttention(nn.Module):
-    """Multi-head self-attention at the intra-block width; returns the output and the probabilities."""
+    """Multi-head self-attention at the intra-block width; returns the output and the unmasked scaled scores."""
 
     def __init__(self, config: BottleneckBertConfig):
         super().__init__()
@@ -92,10 +94,10 @@ class BottleneckSelfAttention(nn.Module):
 
     def forward(self, hidden: torch.Tensor, additive_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         query, key, value = (self._split(project(hidden)) for project in (self.query, self.key, self.value))
-        scores = query @ key.transpose(-1, -2) / math.sqrt(self.head_size) + additive_mask
-        probabilities = scores.softmax(-1)
+        scores = query @ key.transpose(-1, -2) / math.sqrt(self.head_size)
+        probabilities = (scores + additive_mask).softmax(-1)
         context = (self.dropout(probabilities) @ value).transpose(1, 2).reshape(hidden.shape)
-        return self.dense(context), probabilities
+        return self.dense(context), scores
 
 
 class BottleneckLayer(nn.Module):
@@ -118,10 +120,10 @@ class BottleneckLayer(nn.Module):
 
     def forward(self, hidden: torch.Tensor, additive_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         inner = self.input_norm(self.bottleneck_in(hidden))
-        attended, probabilities = self.attention(inner, additive_mask)
+        attended, scores = self.attention(inner, additive_mask)
         inner = self.attention_norm(inner + self.dropout(attended))
         inner = self.ffn_norm(inner + self.dropout(self.ffn_output(self.activation(self.intermediate(inner)))))
-        return self.output_norm(hidden + self.dropout(self.bottleneck_out(inner))), probabilities
+        return self.output_norm(hidden + self.dropout(self.bottleneck_out(inner))), scores
 
 
 class BottleneckBertForSequenceClassification(PreTrainedModel):
@@ -160,7 +162,7 @@ class BottleneckBertForSequenceClassification(PreTrainedModel):
         **kwargs,
     ) -> SequenceClassifierOutput:
         """Logits from BERT's head (tanh pooler on [CLS], dropout, linear); ``hidden_states`` are the embedding
-        output and each block's output (inter width), ``attentions`` each block's probabilities. Other keyword
+        output and each block's output (inter width), ``attentions`` each block's unmasked scaled scores. Other keyword
         arguments (``return_dict``) are accepted for drop-in use where a BERT student was called."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
@@ -176,9 +178,9 @@ class BottleneckBertForSequenceClassification(PreTrainedModel):
         additive_mask = (1.0 - attention_mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
         all_hidden, all_attentions = [hidden], []
         for layer in self.layers:
-            hidden, probabilities = layer(hidden, additive_mask)
+            hidden, scores = layer(hidden, additive_mask)
             all_hidden.append(hidden)
-            all_attentions.append(probabilities)
+            all_attentions.append(scores)
         logits = self.classifier(self.dropout(torch.tanh(self.pooler(hidden[:, 0]))))
         loss = None
         if labels is not None:

@@ -47,13 +47,15 @@ def _canonical(value: Any) -> Any:
     return value
 
 
-def content_key(stage: str, config_slice: Any, inputs: dict[str, Artifact] | None = None, version: int = 1) -> str:
-    """Hash of what determines a stage's output: its code version, its config slice and its inputs' keys."""
+def content_key(stage: str, config_slice: Any, inputs: dict[str, Artifact | str] | None = None,
+                code: dict[str, str] | None = None) -> str:
+    """Hash of what determines a stage's output: its config slice, its inputs' keys and the digests of the source
+    files it runs (``pipeline.code_keys``)."""
     payload = {
         "stage": stage,
-        "version": version,
         "config": _canonical(config_slice),
-        "inputs": {name: artifact.key for name, artifact in sorted((inputs or {}).items())},
+        "inputs": {name: getattr(value, "key", value) for name, value in sorted((inputs or {}).items())},
+        "code": dict(sorted((code or {}).items())),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -78,12 +80,28 @@ class ArtifactStore:
         try:
             yield scratch
             (scratch / COMPLETE_MARKER).write_text("")
-            if final.exists():  # an incomplete leftover of a killed run
-                shutil.rmtree(final)
-            os.replace(scratch, final)
+            publish(scratch, final)
         finally:
             if scratch.exists():
                 shutil.rmtree(scratch, ignore_errors=True)
+
+
+def publish(scratch: Path, final: Path) -> None:
+    """Rename a finished scratch folder into place, never deleting a finished artifact: another stage may be
+    reading it. When a concurrent writer of the same key got there first, its artifact (same key, same content)
+    stays and this one is dropped."""
+    if final.exists() and not (final / COMPLETE_MARKER).exists():
+        stale = final.parent / f".{final.name}.stale-{uuid.uuid4().hex[:8]}"
+        try:  # moved aside first: the rename is atomic, the removal is not
+            os.rename(final, stale)
+        except FileNotFoundError:
+            pass
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        os.rename(scratch, final)
+    except OSError:
+        if not (final / COMPLETE_MARKER).exists():
+            raise
 
 
 def write_result(directory: Path, result: dict) -> None:

@@ -52,6 +52,8 @@ def _fail(error: Exception) -> None:
 def run(config: Path = ConfigArg, set_: Optional[list[str]] = SetOption, workdir: Optional[Path] = WorkdirOption,
         seeds: int = typer.Option(1, "--seeds", min=1, help="Train every student this many times (train.seed + i); "
                                   "the report gives mean ± std and flags differences within the spread."),
+        dry_run: bool = typer.Option(False, "--dry-run", help="List every stage as cached or to run, with the "
+                                     "reason (never ran, config, input or code changed); run nothing."),
         verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at INFO level.")) -> None:
     """Run every stage of an experiment: data, teacher, soft labels, distillation, evaluation."""
     from pipeline.runner import PipelineRunner
@@ -59,6 +61,9 @@ def run(config: Path = ConfigArg, set_: Optional[list[str]] = SetOption, workdir
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     exp = _load(config, set_, workdir)
+    if dry_run:
+        PipelineRunner(exp, console, seeds=seeds).dry_run()
+        return
     _preflight(exp)
     try:
         PipelineRunner(exp, console, seeds=seeds).run()

@@ -1,4 +1,11 @@
-"""The stage graph: data → teacher → label → distill (per student) → evaluate, each stage cached by content key."""
+"""The stage graph: data → teacher → labels / augment / masked-LM → students → evaluations.
+
+The runner first plans every stage as a node (its stage function, the typed config slice it receives, the nodes
+it reads), then runs the nodes in order. A node's key hashes exactly the slice it receives (less its ``unkeyed``
+fields), its inputs' keys and the source files its code runs (``pipeline.code_keys``), so a change to a method's
+loss reruns that method's students and their evaluations, and nothing upstream. ``dry_run`` computes every key
+without running anything and says why each stage would run.
+"""
 
 from __future__ import annotations
 
@@ -6,28 +13,29 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import ray
 from rich.console import Console
+from rich.table import Table
 
 from kd.methods import get_method
 from pipeline.artifacts import Artifact, ArtifactStore, content_key, write_result
+from pipeline.code_keys import code_digests
 from pipeline.config import ConfigError, Experiment, reads_mlm_teacher_head
 from pipeline.ray_session import check_ray, ensure_ray
 from pipeline.summary import SEED_SUMMARIES, SUMMARY_FILE, build_summary, summary_table, write_workdir_report
 from pipeline.tracking import Tracker, log_report, remember_run
 from stages import augment, data, distill, evaluate, label, mlm_teacher, mlm_topk, teacher, vocabulary
+from stages.config import StageConfig
 from stages.label import ensemble_temperature
-from stages.student_training import STUDENT_DIR
+from stages.layout import STUDENT_DIR
 
 log = logging.getLogger(__name__)
 
-# Bump a stage's version when its code changes what it writes, so old cached outputs are not reused.
-STAGE_VERSIONS = {"data": 1, "teacher": 1, "label": 1, "distill": 1, "evaluate": 1, "mlm_teacher": 1, "augment": 1,
-                  "mlm_topk": 1, "vocabulary": 1, "evaluate_ensemble": 1}
+MANIFEST_FILE = "manifest.json"
 
 
 def corpus_key(stage: str, data_name: str, temperature: float | None = None) -> str:
@@ -51,17 +59,10 @@ def student_corpus(spec) -> str | None:
     return None
 
 
-def evaluate_slice(exp: Experiment, spec=None) -> dict:
-    """The evaluate settings that bear on one model's evaluation: the early-exit sweep only on a FastBERT student
-    (left out elsewhere, the other evaluations keep the keys they had before the sweep existed)."""
-    sweeps = spec is not None and spec.method == "fastbert"
-    return exp.evaluate.model_dump(mode="json", exclude=None if sweeps else {"exit_speeds"})
-
-
-def teacher_slice(exp: Experiment, teacher_cfg) -> dict:
-    # The masked-LM adaptation is a stage of its own: the classification teacher does not depend on it.
-    return {"teacher": teacher_cfg.model_dump(mode="json", exclude={"mlm"}), "labels": exp.task.num_labels,
-            "seed": exp.seed, "workers": exp.ray.num_workers}
+def without_mlm(teacher_config):
+    """The teacher block as the stages after the teacher read it: its masked-LM adaptation is a stage of its own,
+    which only the stages that read the masked-LM teacher depend on."""
+    return teacher_config.model_copy(update={"mlm": None})
 
 
 def vocabulary_name(spec) -> str:
@@ -80,6 +81,67 @@ class StageContext:
     evaluator: Callable[[], object]
 
 
+@dataclass
+class StageNode:
+    """One stage to run: ``run(config, inputs, ctx, out)`` with ``inputs`` the artifacts of the nodes named in
+    ``inputs`` (stage-input name → node name). ``code`` lists the modules beyond ``run``'s own whose source the
+    output depends on (a student's method)."""
+
+    name: str
+    stage: str
+    run: Callable[..., dict]
+    config: StageConfig
+    inputs: dict[str, str] = field(default_factory=dict)
+    code: tuple[str, ...] = ()
+    params: dict | None = None
+    tags: dict | None = None
+    artifacts: Callable[[Artifact], dict] | None = None
+
+    @property
+    def code_roots(self) -> tuple[str, ...]:
+        return (self.run.__module__, *self.code)
+
+
+@dataclass
+class Planned:
+    """A node with what its key is made of."""
+
+    node: StageNode
+    key: str
+    config: dict
+    inputs: dict[str, str]
+    code: dict[str, str]
+
+    def manifest(self) -> dict:
+        return {"node": self.node.name, "config": self.config, "inputs": self.inputs, "code": self.code}
+
+
+def changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted paths where two JSON values differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [path for name in sorted(set(old) | set(new))
+                for path in changed_keys(old.get(name), new.get(name), f"{prefix}.{name}" if prefix else str(name))]
+    return [] if old == new else [prefix or "(value)"]
+
+
+def why_rerun(planned: Planned, previous: dict | None) -> str:
+    """Why a node is not cached, against the manifest of the last artifact this node wrote."""
+    if previous is None:
+        return "never ran"
+    reasons = []
+    config = changed_keys(previous.get("config"), planned.config)
+    if config:
+        reasons.append("config changed: " + ", ".join(config[:4]) + (" …" if len(config) > 4 else ""))
+    inputs = [name for name in sorted(set(previous.get("inputs", {})) | set(planned.inputs))
+              if previous.get("inputs", {}).get(name) != planned.inputs.get(name)]
+    if inputs:
+        reasons.append("input changed: " + ", ".join(inputs))
+    code = changed_keys(previous.get("code"), planned.code)
+    if code:
+        reasons.append("code changed: " + ", ".join(code[:4]) + (" …" if len(code) > 4 else ""))
+    return "; ".join(reasons) or "output missing"
+
+
 class PipelineRunner:
     def __init__(self, exp: Experiment, console: Console | None = None, seeds: int = 1):
         self.exp = exp
@@ -89,36 +151,234 @@ class PipelineRunner:
         self.tracker: Tracker | None = None
         self._evaluator = None
         self.counts = {"ran": 0, "cached": 0}
+        self.nodes: dict[str, StageNode] = {}
+        self.done: dict[str, Artifact] = {}
+        self._planned: dict[str, Planned] = {}
+        self._ray_started = False
 
-    def stage(self, stage: str, label_text: str, fn: Callable, config_slice, inputs: dict[str, Artifact],
-              params: dict | None = None, tags: dict | None = None, artifacts: Callable[[Artifact], dict] | None = None) -> Artifact:
-        key = content_key(stage, config_slice, inputs, STAGE_VERSIONS[stage])
-        artifact = self.store.lookup(stage, key)
+    # --- planning -------------------------------------------------------------------------------------------
+
+    def add(self, node: StageNode) -> str:
+        """Plan a node (once: students that share a stage share its node) and return its name."""
+        self.nodes.setdefault(node.name, node)
+        return node.name
+
+    def planned(self, name: str) -> Planned:
+        """The node's key and what it is made of; its inputs' keys first."""
+        if name not in self._planned:
+            node = self.nodes[name]
+            inputs = {input_name: self.planned(ref).key for input_name, ref in node.inputs.items()}
+            config, code = node.config.key_values(), code_digests(node.code_roots)
+            key = content_key(node.stage, config, inputs, code)
+            self._planned[name] = Planned(node, key, config, inputs, code)
+        return self._planned[name]
+
+    def plan_prepare(self, students: Iterable) -> dict[str, str]:
+        """The stages students share: data, teacher and the teacher's evaluation, and what these students read:
+        the masked-LM teacher, the augmented corpus, and soft labels and masked-LM top-k over either corpus.
+        Returns the node of each, by its stage-input name."""
+        exp = self.exp
+        students = list(students)
+        teacher_block = without_mlm(exp.teacher)
+        refs = {"data": self.add(StageNode("data", "data", data.run, data.Config.of(exp),
+                                           params=exp.task.model_dump(mode="json")))}
+        refs["teacher"] = self.add(StageNode("teacher", "teacher", teacher.run,
+                                             teacher.Config.of(exp, teacher=teacher_block), {"data": refs["data"]},
+                                             params=exp.teacher.model_dump(mode="json")))
+        if any(spec.soft_labels == "ensemble" for spec in students):
+            self.plan_ensemble(refs)
+        for spec in students:
+            vocabulary_key = get_method(spec.method)(spec.params).vocabulary_key()
+            if vocabulary_key is not None:
+                refs[vocabulary_name(spec)] = self.add(StageNode(
+                    f"vocabulary ({spec.method}, {spec.name})", "vocabulary", vocabulary.run,
+                    vocabulary.Config.of(exp, student=spec, method=spec.method, vocabulary=vocabulary_key),
+                    {"data": refs["data"], "teacher": refs["teacher"]}, code=(get_method(spec.method).__module__,),
+                    params=vocabulary_key))
+        # (corpus, ensemble temperature or None for the teacher's soft labels) of each prepared Parquet
+        labelled = sorted({(spec.data, ensemble_temperature(spec)) for spec in students if student_corpus(spec)},
+                          key=repr)
+        smoothed = sorted({(spec.data, ensemble_temperature(spec)) for spec in students
+                           if "mlm_topk" in get_method(spec.method).cached_signals}, key=repr)
+        tinybert_rule = any(data_name == "augmented" for data_name, _ in labelled) and exp.augment.rule == "tinybert"
+        if smoothed or tinybert_rule or any(reads_mlm_teacher_head(spec) for spec in students):
+            refs["mlm_teacher"] = self.add(StageNode(
+                "masked-LM teacher", "mlm_teacher", mlm_teacher.run, mlm_teacher.Config.of(exp),
+                {"data": refs["data"], "teacher": refs["teacher"]}, params=exp.teacher.mlm.model_dump()))
+        if any(data_name == "augmented" for data_name, _ in labelled):
+            augment_inputs = {"data": refs["data"]}
+            if tinybert_rule:
+                augment_inputs["mlm_teacher"] = refs["mlm_teacher"]
+            refs["augment"] = self.add(StageNode(
+                f"augment ({exp.augment.rule})", "augment", augment.run,
+                augment.Config.of(exp, teacher=teacher_block), augment_inputs, params=exp.augment.model_dump()))
+        for data_name, temperature in labelled:
+            where = [data_name] if data_name != "task" else []
+            if temperature is None:
+                label_inputs = {"data": refs["data"], "teacher": refs["teacher"]}
+                label_config = label.Config.of(exp, teacher=teacher_block, ensemble=None, temperature=None)
+            else:
+                label_inputs = {"data": refs["data"], **members(refs)}
+                label_config = label.Config.of(exp, teacher=teacher_block, temperature=temperature)
+                where.append(f"ensemble, T={temperature:g}")
+            if data_name == "augmented":
+                label_inputs["augment"] = refs["augment"]
+            refs[corpus_key("label", data_name, temperature)] = self.add(StageNode(
+                "soft labels" + (f" ({', '.join(where)})" if where else ""), "label", label.run, label_config,
+                label_inputs))
+        for data_name, temperature in smoothed:
+            refs[corpus_key("mlm_topk", data_name, temperature)] = self.add(StageNode(
+                "masked-LM top-k" + ("" if data_name == "task" else f" ({data_name})")
+                + ("" if temperature is None else f" (ensemble, T={temperature:g})"), "mlm_topk", mlm_topk.run,
+                mlm_topk.Config.of(exp, teacher=teacher_block),
+                {"label": refs[corpus_key("label", data_name, temperature)], "mlm_teacher": refs["mlm_teacher"]}))
+        refs["teacher_eval"] = self.add(StageNode(
+            "evaluate teacher", "evaluate", evaluate.run, evaluate.Config.of(exp, teacher=teacher_block),
+            {"model": refs["teacher"], "data": refs["data"]}))
+        return refs
+
+    def plan_ensemble(self, refs: dict[str, str]) -> None:
+        """Each member of the ensemble as a teacher node of its own (a member equal to ``teacher`` is that node's
+        artifact, from the cache), and the ensemble's own evaluation."""
+        exp = self.exp
+        count = len(exp.ensemble.teachers)
+        for index, member in enumerate(exp.ensemble.teachers):
+            refs[f"{label.MEMBER_PREFIX}{index}"] = self.add(StageNode(
+                f"teacher {index + 1}/{count} of the ensemble", "teacher", teacher.run,
+                teacher.Config.of(exp, teacher=member), {"data": refs["data"]},
+                params=member.model_dump(mode="json")))
+        refs["ensemble_eval"] = self.add(StageNode(
+            "evaluate ensemble", "evaluate_ensemble", evaluate.run_ensemble,
+            evaluate.EnsembleEvaluationConfig.of(exp, teacher=without_mlm(exp.teacher)),
+            {"data": refs["data"], **members(refs)}))
+
+    @staticmethod
+    def student_refs(refs: dict[str, str], spec, distills: dict[str, str] | None = None) -> dict[str, str]:
+        """A student's stage inputs; ``label`` is the prepared Parquet it trains on, when it is not the train split,
+        ``vocabulary`` its own tokenizer, ``mlm_teacher`` the masked LM whose head it takes (the distill stage fills
+        in ``params.mlm_head``, so the student's key follows that artifact's key, not its path), and ``source`` the
+        distilled student it starts from (in ``distills``)."""
+        inputs = {"data": refs["data"], "teacher": refs["teacher"]}
+        corpus = student_corpus(spec)
+        if corpus is not None:
+            inputs["label"] = refs[corpus]
+        if reads_mlm_teacher_head(spec):
+            inputs["mlm_teacher"] = refs["mlm_teacher"]
+        if vocabulary_name(spec) in refs:
+            inputs["vocabulary"] = refs[vocabulary_name(spec)]
+        source = get_method(spec.method)(spec.params).starts_from()
+        if source is not None:
+            if source not in (distills or {}):
+                raise ConfigError(f"{spec.name} starts from student {source!r}, which is not distilled here; "
+                                  "a search can only start from the teacher")
+            inputs["source"] = distills[source]
+        return inputs
+
+    def student_inputs(self, prepared: dict[str, Artifact], spec) -> dict[str, Artifact]:
+        """``student_refs`` over artifacts that ``prepare`` returned."""
+        return {name: prepared[ref] for name, ref in self.student_refs({k: k for k in prepared}, spec).items()}
+
+    def plan_students(self, refs: dict[str, str], seed_offset: int) -> dict[str, tuple[Any, str, str]]:
+        """Every student's distill and evaluate nodes, with its train seed shifted by ``seed_offset``: by name,
+        (its entry, its distill node, its evaluate node)."""
+        exp = self.exp
+        planned, distills = {}, {}
+        suffix = f" seed+{seed_offset}" if seed_offset else ""
+        # Students built from another student's model come after the others.
+        ordered = sorted(exp.students, key=lambda spec: get_method(spec.method)(spec.params).starts_from() is not None)
+        for spec in ordered:
+            if seed_offset:
+                spec = spec.model_copy(update={"train": spec.train.model_copy(update={"seed": spec.train.seed + seed_offset})})
+            distills[spec.name] = self.add(StageNode(
+                f"distill {spec.name} ({spec.method}){suffix}", "distill", distill.run,
+                distill.Config.of(exp, student=spec, teacher=without_mlm(exp.teacher)),
+                self.student_refs(refs, spec, distills), code=(get_method(spec.method).__module__,),
+                params=spec.model_dump(mode="json"), tags={"method": spec.method},
+                artifacts=lambda art: {"student": art.path / STUDENT_DIR}))
+            evaluation = self.add(StageNode(
+                f"evaluate {spec.name}{suffix}", "evaluate", evaluate.run,
+                evaluate.Config.of(exp, teacher=without_mlm(exp.teacher)),
+                {"model": distills[spec.name], "data": refs["data"]}))
+            planned[spec.name] = (spec, distills[spec.name], evaluation)
+        return planned
+
+    def plan(self) -> tuple[dict[str, str], list[dict[str, tuple[Any, str, str]]]]:
+        refs = self.plan_prepare(self.exp.students)
+        return refs, [self.plan_students(refs, offset) for offset in range(self.seeds)]
+
+    # --- running --------------------------------------------------------------------------------------------
+
+    def previous_manifest(self, planned: Planned) -> dict | None:
+        """The manifest of the newest artifact this node wrote under another key."""
+        manifests = [(path.stat().st_mtime, path) for path in (self.store.root / planned.node.stage).glob(f"*/{MANIFEST_FILE}")]
+        for _, path in sorted(manifests, reverse=True):
+            manifest = json.loads(path.read_text())
+            if manifest.get("node") == planned.node.name:
+                return manifest
+        return None
+
+    def dry_run(self) -> list[dict]:
+        """Every stage of the experiment as cached, or to run with the reason; runs nothing, starts nothing."""
+        self.plan()
+        rows = []
+        for name, node in self.nodes.items():
+            planned = self.planned(name)
+            cached = self.store.lookup(node.stage, planned.key) is not None
+            rows.append({"stage": name, "key": f"{node.stage}/{planned.key}", "cached": cached,
+                         "reason": "" if cached else why_rerun(planned, self.previous_manifest(planned))})
+        table = Table(title=f"{self.exp.name}: {sum(not r['cached'] for r in rows)} of {len(rows)} stages to run")
+        for column in ("stage", "state", "why", "key"):
+            table.add_column(column)
+        for row in rows:
+            table.add_row(row["stage"], "[dim]cached[/dim]" if row["cached"] else "[yellow]to run[/yellow]",
+                          row["reason"], row["key"])
+        self.console.print(table)
+        return rows
+
+    def execute(self, name: str) -> Artifact:
+        node, planned = self.nodes[name], self.planned(name)
+        inputs = {input_name: self.done[ref] for input_name, ref in node.inputs.items()}
+        artifact = self.store.lookup(node.stage, planned.key)
         cached = artifact is not None
-        started = time.perf_counter()
         if cached:
             self.counts["cached"] += 1
-            self.console.print(f"[dim]✓ {label_text}: cached ({stage}/{key})[/dim]")
+            self.console.print(f"[dim]✓ {name}: cached ({node.stage}/{planned.key})[/dim]")
         else:
-            with self.console.status(f"[bold]{label_text}[/bold] …"):
-                with self.store.writing(stage, key) as scratch:
-                    result = fn(self.exp, inputs, StageContext(key, self.console, self.evaluator), scratch)
+            if node.stage != "data" and not self._ray_started:
+                ensure_ray(self.exp.ray)  # the data is checked before Ray's seconds of start-up are spent
+                self._ray_started = True
+            started = time.perf_counter()
+            with self.console.status(f"[bold]{name}[/bold] …"):
+                with self.store.writing(node.stage, planned.key) as scratch:
+                    result = node.run(node.config, inputs, StageContext(planned.key, self.console, self.evaluator),
+                                      scratch)
                     result["seconds"] = round(time.perf_counter() - started, 2)
                     write_result(scratch, result)
-            artifact = self.store.lookup(stage, key)
+                    (scratch / MANIFEST_FILE).write_text(json.dumps(planned.manifest(), indent=2))
+            artifact = self.store.lookup(node.stage, planned.key)
             self.counts["ran"] += 1
-            self.console.print(f"[green]✓[/green] {label_text}: done in {artifact.result()['seconds']:.1f}s ({stage}/{key})")
+            self.console.print(f"[green]✓[/green] {name}: done in {artifact.result()['seconds']:.1f}s "
+                               f"({node.stage}/{planned.key})")
         result = artifact.result()
         self.tracker.log_stage(
-            label_text, params=params or {}, result=result,
-            tags={"stage": stage, "key": key, "cached": str(cached).lower(), **(tags or {})},
-            artifacts=artifacts(artifact) if artifacts else None, history=result.get("history"),
+            name, params=node.params or {}, result=result,
+            tags={"stage": node.stage, "key": planned.key, "cached": str(cached).lower(), **(node.tags or {})},
+            artifacts=node.artifacts(artifact) if node.artifacts else None, history=result.get("history"),
         )
+        self.done[name] = artifact
         return artifact
+
+    def execute_all(self) -> None:
+        for name in self.nodes:
+            if name not in self.done:
+                self.execute(name)
 
     def evaluator(self):
         """The run's evaluation actor, started on first use."""
         if self._evaluator is None:
+            if not self._ray_started:
+                ensure_ray(self.exp.ray)
+                self._ray_started = True
             self._evaluator = evaluate.Evaluator.remote(self.exp.evaluate.threads)
         return self._evaluator
 
@@ -137,134 +397,23 @@ class PipelineRunner:
             return self._run_stages()
 
     def prepare(self, students: Iterable) -> dict[str, Artifact]:
-        """The stages students share: data, teacher and the teacher's evaluation, and what these students read:
-        the masked-LM teacher, the augmented corpus, and soft labels and masked-LM top-k over either corpus."""
-        exp = self.exp
-        students = list(students)
-        prepared = {"data": self.stage("data", "data", data.run, exp.task, {}, params=exp.task.model_dump(mode="json"))}
-        ensure_ray(exp.ray)
-        prepared["teacher"] = self.stage("teacher", "teacher", teacher.run, teacher_slice(exp, exp.teacher),
-                                         {"data": prepared["data"]}, params=exp.teacher.model_dump(mode="json"))
-        if any(spec.soft_labels == "ensemble" for spec in students):
-            self.prepare_ensemble(prepared)
-        for spec in students:
-            vocabulary_key = get_method(spec.method)(spec.params).vocabulary_key()
-            if vocabulary_key is not None:
-                prepared[vocabulary_name(spec)] = self.stage(
-                    "vocabulary", f"vocabulary ({spec.method}, {spec.name})",
-                    lambda cfg, ins, ctx, out, spec=spec: vocabulary.run(cfg, spec, ins, ctx, out),
-                    {"method": spec.method, **vocabulary_key},
-                    {"data": prepared["data"], "teacher": prepared["teacher"]}, params=vocabulary_key)
-        # (corpus, ensemble temperature or None for the teacher's soft labels) of each prepared Parquet
-        labelled = sorted({(spec.data, ensemble_temperature(spec)) for spec in students if student_corpus(spec)},
-                          key=repr)
-        smoothed = sorted({(spec.data, ensemble_temperature(spec)) for spec in students
-                           if "mlm_topk" in get_method(spec.method).cached_signals}, key=repr)
-        tinybert_rule = any(data_name == "augmented" for data_name, _ in labelled) and exp.augment.rule == "tinybert"
-        if smoothed or tinybert_rule or any(reads_mlm_teacher_head(spec) for spec in students):
-            prepared["mlm_teacher"] = self.stage(
-                "mlm_teacher", "masked-LM teacher", mlm_teacher.run,
-                {"mlm": exp.teacher.mlm, "max_length": exp.teacher.max_length, "seed": exp.seed},
-                {"data": prepared["data"], "teacher": prepared["teacher"]}, params=exp.teacher.mlm.model_dump())
-        if any(data_name == "augmented" for data_name, _ in labelled):
-            augment_inputs = {"data": prepared["data"]}
-            if tinybert_rule:
-                augment_inputs["mlm_teacher"] = prepared["mlm_teacher"]
-            prepared["augment"] = self.stage(
-                "augment", f"augment ({exp.augment.rule})", augment.run,
-                {"augment": exp.augment, "teacher": exp.teacher.source, "max_length": exp.teacher.max_length},
-                augment_inputs, params=exp.augment.model_dump())
-        for data_name, temperature in labelled:
-            where = [data_name] if data_name != "task" else []
-            if temperature is None:
-                label_inputs = {"data": prepared["data"], "teacher": prepared["teacher"]}
-                label_slice, run_label = {"max_length": exp.teacher.max_length}, label.run
-            else:
-                label_inputs = {"data": prepared["data"], **members(prepared)}
-                label_slice = {"max_length": [member.max_length for member in exp.ensemble.teachers],
-                               "temperature": temperature}
-                run_label = lambda cfg, ins, ctx, out, t=temperature: label.run(cfg, ins, ctx, out, t)  # noqa: E731
-                where.append(f"ensemble, T={temperature:g}")
-            if data_name == "augmented":
-                label_inputs["augment"] = prepared["augment"]
-            prepared[corpus_key("label", data_name, temperature)] = self.stage(
-                "label", "soft labels" + (f" ({', '.join(where)})" if where else ""), run_label, label_slice,
-                label_inputs)
-        for data_name, temperature in smoothed:
-            prepared[corpus_key("mlm_topk", data_name, temperature)] = self.stage(
-                "mlm_topk", "masked-LM top-k" + ("" if data_name == "task" else f" ({data_name})"), mlm_topk.run,
-                {"k": exp.label.mlm_top_k, "max_length": exp.teacher.max_length},
-                {"label": prepared[corpus_key("label", data_name, temperature)], "mlm_teacher": prepared["mlm_teacher"]})
-        prepared["teacher_eval"] = self.stage("evaluate", "evaluate teacher", evaluate.run, evaluate_slice(exp),
-                                              {"model": prepared["teacher"], "data": prepared["data"]})
-        return prepared
+        """Plan and run the stages ``students`` share; their artifacts by stage-input name."""
+        refs = self.plan_prepare(students)
+        self.execute_all()
+        return {name: self.done[ref] for name, ref in refs.items()}
 
-    def prepare_ensemble(self, prepared: dict[str, Artifact]) -> None:
-        """Each member of the ensemble as a teacher artifact of its own (a member equal to ``teacher`` is that
-        artifact, from the cache), and the ensemble's own evaluation."""
-        exp = self.exp
-        count = len(exp.ensemble.teachers)
-        for index, member in enumerate(exp.ensemble.teachers):
-            prepared[f"{label.MEMBER_PREFIX}{index}"] = self.stage(
-                "teacher", f"teacher {index + 1}/{count} of the ensemble",
-                lambda cfg, ins, ctx, out, member=member: teacher.run(cfg.model_copy(update={"teacher": member}),
-                                                                      ins, ctx, out),
-                teacher_slice(exp, member), {"data": prepared["data"]}, params=member.model_dump(mode="json"))
-        prepared["ensemble_eval"] = self.stage(
-            "evaluate_ensemble", "evaluate ensemble", evaluate.run_ensemble,
-            {"evaluate": evaluate_slice(exp), "max_length": [member.max_length for member in exp.ensemble.teachers]},
-            {"data": prepared["data"], **members(prepared)})
-
-    @staticmethod
-    def student_inputs(prepared: dict[str, Artifact], spec,
-                       distills: dict[str, Artifact] | None = None) -> dict[str, Artifact]:
-        """A student's stage inputs; ``label`` is the prepared Parquet it trains on, when it is not the train split,
-        ``vocabulary`` its own tokenizer, ``mlm_teacher`` the masked LM whose head it takes (the distill stage fills
-        in ``params.mlm_head``, so the student's key follows that artifact's key, not its path), and ``source`` the
-        distilled student it starts from (in ``distills``)."""
-        inputs = {"data": prepared["data"], "teacher": prepared["teacher"]}
-        corpus = student_corpus(spec)
-        if corpus is not None:
-            inputs["label"] = prepared[corpus]
-        if reads_mlm_teacher_head(spec):
-            inputs["mlm_teacher"] = prepared["mlm_teacher"]
-        if vocabulary_name(spec) in prepared:
-            inputs["vocabulary"] = prepared[vocabulary_name(spec)]
-        source = get_method(spec.method)(spec.params).starts_from()
-        if source is not None:
-            if source not in (distills or {}):
-                raise ConfigError(f"{spec.name} starts from student {source!r}, which is not distilled here; "
-                                  "a search can only start from the teacher")
-            inputs["source"] = distills[source]
-        return inputs
-
-    def _run_students(self, prepared: dict[str, Artifact], seed_offset: int) -> dict:
-        """Distil and evaluate every student once, with its train seed shifted by ``seed_offset``."""
-        exp = self.exp
-        evaluations, distills, train_rows = {"teacher": prepared["teacher_eval"]}, {}, {}
-        suffix = f" seed+{seed_offset}" if seed_offset else ""
-        # Students built from another student's model come after the others.
-        ordered = sorted(exp.students, key=lambda spec: get_method(spec.method)(spec.params).starts_from() is not None)
-        for spec in ordered:
-            if seed_offset:
-                spec = spec.model_copy(update={"train": spec.train.model_copy(update={"seed": spec.train.seed + seed_offset})})
-            inputs = self.student_inputs(prepared, spec, distills)
-            train_rows[spec.name] = distill.train_corpus(inputs)[1]
-            # ``data`` and ``soft_labels`` are keyed through the corpus they select (the ``label`` input).
-            student_slice = {"spec": spec.model_dump(mode="json", exclude={"name", "data", "soft_labels"}),
-                             "max_length": exp.teacher.max_length, "workers": exp.ray.num_workers}
-            distills[spec.name] = self.stage(
-                "distill", f"distill {spec.name} ({spec.method}){suffix}",
-                lambda cfg, ins, ctx, out, spec=spec: distill.run(cfg, spec, ins, ctx, out),
-                student_slice, inputs, params=spec.model_dump(mode="json"), tags={"method": spec.method},
-                artifacts=lambda art: {"student": art.path / STUDENT_DIR},
-            )
-            evaluations[spec.name] = self.stage(
-                "evaluate", f"evaluate {spec.name}{suffix}", evaluate.run, evaluate_slice(exp, spec),
-                {"model": distills[spec.name], "data": prepared["data"]})
+    def summarise(self, prepared: dict[str, Artifact], students: dict[str, tuple[Any, str, str]]) -> dict:
+        """One seed's summary, with the teacher and every student timed together now."""
+        evaluations = {"teacher": prepared["teacher_eval"]}
+        distills, train_rows = {}, {}
+        for student_name, (spec, distill_node, evaluate_node) in students.items():
+            distills[student_name] = self.done[distill_node]
+            evaluations[student_name] = self.done[evaluate_node]
+            inputs = {name: self.done[ref] for name, ref in self.nodes[distill_node].inputs.items()}
+            train_rows[student_name] = distill.train_corpus(inputs)[1]
         model_dirs = {"teacher": prepared["teacher"].path, **{name: art.path for name, art in distills.items()}}
         timings = self.time_models(model_dirs, prepared["data"].path)
-        return build_summary(exp, evaluations, distills, prepared, train_rows, timings)
+        return build_summary(self.exp, evaluations, distills, prepared, train_rows, timings)
 
     def time_models(self, model_dirs: dict[str, Path], data_dir: Path) -> dict[str, dict]:
         """Latencies of the teacher and every student, taken now and together. Each evaluation timed its model
@@ -273,24 +422,27 @@ class PipelineRunner:
         names = list(model_dirs)
         with self.console.status(f"[bold]timing {len(names)} models together[/bold] …"):
             timings = ray.get(self.evaluator().time_models.remote(
-                [str(model_dirs[name] / STUDENT_DIR) for name in names], str(data_dir), self.exp, early_exit=True))
+                [str(model_dirs[name] / STUDENT_DIR) for name in names], str(data_dir),
+                evaluate.Config.of(self.exp, teacher=without_mlm(self.exp.teacher)), early_exit=True))
         return dict(zip(names, timings, strict=True))
 
     def _run_stages(self) -> dict:
         import mlflow
 
         exp = self.exp
-        prepared = self.prepare(exp.students)
-        summaries = [self._run_students(prepared, offset) for offset in range(self.seeds)]
+        refs, per_seed = self.plan()
+        self.execute_all()
+        prepared = {name: self.done[ref] for name, ref in refs.items()}
+        summaries = [self.summarise(prepared, students) for students in per_seed]
         summary = summaries[0]
         path = exp.workdir / SUMMARY_FILE
         path.write_text(json.dumps(summary, indent=2))
-        per_seed = exp.workdir / SEED_SUMMARIES
-        if per_seed.exists():
-            shutil.rmtree(per_seed)  # an earlier run with more seeds would otherwise leave its extra files behind
-        per_seed.mkdir()
+        per_seed_dir = exp.workdir / SEED_SUMMARIES
+        if per_seed_dir.exists():
+            shutil.rmtree(per_seed_dir)  # an earlier run with more seeds would otherwise leave its extra files behind
+        per_seed_dir.mkdir()
         for offset, seed_summary in enumerate(summaries):
-            (per_seed / f"seed-{offset}.json").write_text(json.dumps(seed_summary, indent=2))
+            (per_seed_dir / f"seed-{offset}.json").write_text(json.dumps(seed_summary, indent=2))
         mlflow.log_artifact(str(path))
         mlflow.log_metrics({f"{name}.dev_{metric}": value for name, s in summary["students"].items()
                             for metric, value in s["dev"].items()})

@@ -4,7 +4,6 @@ the best student re-evaluated on test and registered, and a trial table and Pare
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import mlflow
 import ray
@@ -18,7 +17,7 @@ from pipeline.pareto import pareto_front, plot_pareto
 from pipeline.runner import PipelineRunner
 from pipeline.search_space import load_space
 from stages import register, tune as tune_stage
-from stages.student_training import STUDENT_DIR
+from stages.layout import STUDENT_DIR
 
 SEARCH_FILE = "trials.json"
 

@@ -15,7 +15,7 @@ from kd.methods import get_method
 from kd.students import parameter_counts
 from pipeline.report import ReportPaths, training_cost, write_report
 from stages.evaluate import TEST_PREDICTIONS
-from stages.student_training import STUDENT_DIR
+from stages.layout import STUDENT_DIR
 
 SIZE_FIELDS = ("params", "size_bytes", "latency_ms", "throughput")
 SUMMARY_FILE = "summary.json"

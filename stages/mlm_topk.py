@@ -19,8 +19,9 @@ import torch
 from kd.batching import TEXT_A, TEXT_B, Collator
 from kd.mlm import masked_lm_from, topk_per_position
 from kd.textsmooth import MLM_TOPK_IDS, MLM_TOPK_PROBS
+from stages.config import LabelConfig, StageConfig, TeacherConfig
 from stages.label import read_rows, teacher_pool, teacher_threads
-from stages.mlm_teacher import MLM_DIR
+from stages.layout import MLM_DIR
 from stages.models import load_tokenizer
 
 # Rows per forward: the masked LM's logits are [rows, tokens, vocabulary], 120 MB at 16 × 64 × 30k floats.
@@ -60,7 +61,12 @@ class TopKPredictor:
         return table.append_column(MLM_TOPK_IDS, nested_lists(ids)).append_column(MLM_TOPK_PROBS, nested_lists(probs))
 
 
-def run(cfg, inputs, ctx, out: Path) -> dict:
+class Config(StageConfig):
+    teacher: TeacherConfig
+    label: LabelConfig
+
+
+def run(cfg: Config, inputs, ctx, out: Path) -> dict:
     source = read_rows(inputs["label"].path / "data", inputs["label"].result()["rows"], cfg)
     with_topk = source.map_batches(
         TopKPredictor,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from kd.attention import SCORES_ATTENTION
 from stages.errors import StageError
 
 PACKAGE_PREFIX = "package:"
@@ -37,10 +38,11 @@ def resolve_model_source(source: str) -> str:
 
 
 def load_classifier(source: str, num_labels: int, attentions: bool = False):
-    """A sequence classifier; eager attention when attention maps are needed (sdpa returns none)."""
+    """A sequence classifier; with ``attentions``, kd.attention's implementation, whose maps are the dropout-free
+    pre-softmax scores distillation compares (sdpa returns no maps, eager's are after dropout)."""
     model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels)
     if attentions:
-        model.set_attn_implementation("eager")
+        model.set_attn_implementation(SCORES_ATTENTION)
     return model
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
 import time
 import uuid
@@ -21,15 +22,15 @@ import numpy as np
 import pandas as pd
 import torch
 
+from kd.attention import SCORES_ATTENTION
 from kd.batching import LABEL, TEXT_A, TEXT_B, Collator, iterate_frame, length_bucketed
 from kd.evaluation import predict_logits, task_metrics
 from kd.methods import get_method
 from kd.students import StudentShape
 from kd.training import Distiller, TrainSettings, phase_epochs
+from stages.layout import BEST_DIR, HISTORY_FILE, STUDENT_DIR
 from stages.models import load_classifier, load_tokenizer
 
-STUDENT_DIR = "student"
-HISTORY_FILE = "history.json"
 FAULT_ENV = "KD_FAULT_AT_STEP"
 Rows = Mapping[str, np.ndarray]
 
@@ -38,7 +39,7 @@ class TrainIO(Protocol):
     rank: int
     world: int
 
-    def epoch_chunks(self, rows_per_chunk: int) -> Iterable[Rows]: ...
+    def epoch_chunks(self, rows_per_chunk: int, seed: int) -> Iterable[Rows]: ...
     def dev_rows(self, batch_size: int) -> Iterable[Rows]: ...
     def restore(self) -> ContextManager[Path | None]: ...
     def report(self, metrics: dict, directory: Path | None) -> None: ...
@@ -57,9 +58,10 @@ class RayTrainIO:
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
         self._dev: dict[int, list[Rows]] = {}
 
-    def epoch_chunks(self, rows_per_chunk: int) -> Iterable[Rows]:
+    def epoch_chunks(self, rows_per_chunk: int, seed: int) -> Iterable[Rows]:
         return self._train.get_dataset_shard("train").iter_batches(
-            batch_size=rows_per_chunk, batch_format="numpy", local_shuffle_buffer_size=rows_per_chunk)
+            batch_size=rows_per_chunk, batch_format="numpy", local_shuffle_buffer_size=rows_per_chunk,
+            local_shuffle_seed=seed)
 
     def dev_rows(self, batch_size: int) -> Iterable[Rows]:
         # Each pass over a Ray dataset starts an execution of its own, seconds on a small machine; the dev split
@@ -97,17 +99,16 @@ class LocalIO:
 
     rank, world = 0, 1
 
-    def __init__(self, train_path: Path, dev_path: Path, seed: int,
+    def __init__(self, train_path: Path, dev_path: Path,
                  report: Callable[[dict, Path | None], None] = lambda metrics, directory: None,
                  resume_from: Callable[[], ContextManager[Path | None]] = lambda: nullcontext(None)):
         self.train = pd.read_parquet(train_path)
         self.dev = pd.read_parquet(dev_path)
-        self.rng = np.random.default_rng(seed)
         self._report = report
         self._resume_from = resume_from
 
-    def epoch_chunks(self, rows_per_chunk: int) -> Iterator[Rows]:
-        shuffled = self.train.iloc[self.rng.permutation(len(self.train))]
+    def epoch_chunks(self, rows_per_chunk: int, seed: int) -> Iterator[Rows]:
+        shuffled = self.train.iloc[np.random.default_rng(seed).permutation(len(self.train))]
         return iterate_frame(shuffled, rows_per_chunk)
 
     def dev_rows(self, batch_size: int) -> Iterator[Rows]:
@@ -184,7 +185,7 @@ def build_distiller(job: dict[str, Any], io: TrainIO) -> tuple[Distiller, Collat
     else:
         student = method.build_student(teacher, StudentShape.model_validate(job["shape"]))
     if "attentions" in method.student_outputs:
-        student.set_attn_implementation("eager")
+        student.set_attn_implementation(SCORES_ATTENTION)
     if not method.needs_teacher_online:
         teacher = None  # it was only needed to initialise the student; free its memory
     steps = math.ceil(job["train_rows"] / io.world / settings.batch_size)
@@ -203,12 +204,36 @@ def _print_progress(distiller: Distiller, metrics: dict) -> None:
           f"step {within}/{distiller.steps_per_epoch} loss {metrics.get('loss/total', float('nan')):.4f}", flush=True)
 
 
-def save_checkpoint(distiller: Distiller, collator: Collator, directory: Path) -> None:
-    """Resumable trainer state plus the student as it stands, loadable by ``from_pretrained``."""
+def save_student(distiller: Distiller, collator: Collator, directory: Path) -> None:
+    distiller.student.save_pretrained(directory)
+    collator.tokenizer.save_pretrained(directory)
+
+
+def save_checkpoint(distiller: Distiller, collator: Collator, directory: Path, best: Path) -> None:
+    """Resumable trainer state, the student as it stands, and the best student so far (``BEST_DIR``), each
+    loadable by ``from_pretrained``."""
     distiller.save_state(directory)
-    distiller.student.save_pretrained(directory / STUDENT_DIR)
-    collator.tokenizer.save_pretrained(directory / STUDENT_DIR)
+    save_student(distiller, collator, directory / STUDENT_DIR)
+    if best.exists():
+        shutil.copytree(best, directory / BEST_DIR)
     (directory / HISTORY_FILE).write_text(json.dumps(distiller.progress.history))
+
+
+def selection_metric(regression: bool) -> str:
+    """The dev metric that picks a run's checkpoint: the first that ``kd.evaluation.task_metrics`` reports."""
+    return "pearson" if regression else "accuracy"
+
+
+def selected_epoch(history: list[dict]) -> int | None:
+    """The epoch whose student a run keeps: the last one marked ``selected`` as the best on dev so far."""
+    chosen = [record["epoch"] for record in history if record.get("selected")]
+    return chosen[-1] if chosen else None
+
+
+def kept_student(checkpoint: Path) -> Path:
+    """The student a finished run keeps: the best on dev in its final phase, or the last one when no epoch of it
+    scored (a dev metric that is NaN throughout)."""
+    return checkpoint / BEST_DIR if (checkpoint / BEST_DIR).exists() else checkpoint / STUDENT_DIR
 
 
 def train_student(job: dict[str, Any], io: TrainIO, verbose: bool = True) -> Distiller:
@@ -217,13 +242,24 @@ def train_student(job: dict[str, Any], io: TrainIO, verbose: bool = True) -> Dis
     torch.manual_seed(job["settings"]["seed"])
     distiller, collator = build_distiller(job, io)
     settings = distiller.settings
+    # The best student on dev so far, in the final phase only: an earlier phase (TinyBERT's intermediate layers)
+    # has no trained prediction layer to judge.
+    best = Path(tempfile.mkdtemp(prefix="kd-best-")) / BEST_DIR
     with io.restore() as directory:
         if directory is not None:
             distiller.load_state(directory)
             distiller.progress.history = json.loads((directory / HISTORY_FILE).read_text())
             distiller.progress.history.append({"event": "restored", "step": distiller.progress.global_step})
+            if (directory / BEST_DIR).exists():
+                shutil.copytree(directory / BEST_DIR, best)
     rank0 = io.rank == 0
-    rng = np.random.default_rng(settings.seed + io.rank)
+    if not distiller.progress.history:  # a restored run's history already starts with this record
+        distiller.progress.history.append(
+            {"event": "precision", "precision": distiller.precision, "reason": distiller.precision_reason})
+    if rank0 and verbose:
+        print(f"precision {distiller.precision_reason}", flush=True)
+    metric = selection_metric(job["regression"])
+    final_phase = len(distiller.phases) - 1
     fault_step = job.get("fault_at_step", 0)
 
     def on_progress(metrics: dict) -> None:
@@ -238,19 +274,34 @@ def train_student(job: dict[str, Any], io: TrainIO, verbose: bool = True) -> Dis
 
     while not distiller.finished:
         phase = distiller.phases[distiller.progress.phase_index].name
-        chunks = io.epoch_chunks(settings.batch_size * settings.bucket_batches)
+        epochs_done = sum(1 for record in distiller.progress.history if "dev" in record) + 1
+        # Every draw of the epoch follows (seed, rank, epoch), so a rerun, or a run resumed mid-way, sees the data in
+        # the same order.
+        epoch_seed = int(np.random.SeedSequence([settings.seed, io.rank, epochs_done]).generate_state(1)[0])
+        rng = np.random.default_rng(epoch_seed)
+        chunks = io.epoch_chunks(settings.batch_size * settings.bucket_batches, epoch_seed)
         batches = (collator(rows) for rows in length_bucketed(chunks, settings.batch_size, rng))
+        phase_index = distiller.progress.phase_index
         started = time.perf_counter()
         losses = distiller.run_epoch(batches, on_progress)
         epoch_seconds = time.perf_counter() - started
         dev = dev_metrics(distiller.student, collator, io, job["regression"], settings.batch_size * 2)
-        epochs_done = sum(1 for record in distiller.progress.history if "dev" in record) + 1
+        scored = [record["dev"][metric] for record in distiller.progress.history
+                  if record.get("selected") is not None]
+        improved = phase_index == final_phase and (not scored or dev[metric] > max(scored))
+        if improved and rank0:
+            shutil.rmtree(best, ignore_errors=True)
+            save_student(distiller, collator, best)
         distiller.progress.history.append({"phase": phase, "epoch": epochs_done, "step": distiller.progress.global_step,
-                                           "epoch_seconds": epoch_seconds, **losses, "dev": dev})
-        metrics = {"epoch": epochs_done, "step": distiller.progress.global_step, "epoch_seconds": epoch_seconds,
+                                           "epoch_seconds": epoch_seconds, **losses, "dev": dev,
+                                           **({"selected": improved} if phase_index == final_phase else {})})
+        final_phase_epochs = sum(1 for record in distiller.progress.history if "selected" in record)
+        metrics = {"epoch": epochs_done, "final_phase_epoch": final_phase_epochs,
+                   "step": distiller.progress.global_step, "epoch_seconds": epoch_seconds,
                    **losses, **{f"dev_{name}": value for name, value in dev.items()}}
         with tempfile.TemporaryDirectory() as scratch:
             if rank0:
-                save_checkpoint(distiller, collator, Path(scratch))
+                save_checkpoint(distiller, collator, Path(scratch), best)
             io.report(metrics, Path(scratch) if rank0 else None)
+    shutil.rmtree(best.parent, ignore_errors=True)
     return distiller

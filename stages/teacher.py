@@ -12,12 +12,20 @@ from transformers import AutoModelForSequenceClassification
 
 from kd.batching import TEXT_A, TEXT_B
 from kd.checkpoints import load_with_new_head
-from stages.distill import fit, worker_threads
-from stages.student_training import STUDENT_DIR, train_job
+from kd.methods.finetune import FineTune
+from stages.distill import fit
+from stages.layout import STUDENT_DIR
+from stages.student_training import train_job
+from stages.config import RunPlace, TaskConfig, TeacherConfig
 from stages.errors import StageError
 from stages.models import load_tokenizer, resolve_model_source
 
 log = logging.getLogger(__name__)
+
+
+class Config(RunPlace):
+    teacher: TeacherConfig
+    task: TaskConfig
 
 
 def load_candidate(source: str, num_labels: int):
@@ -40,7 +48,7 @@ def count_truncated(tokenizer, data_dir: Path, max_length: int) -> dict[str, int
     return counts
 
 
-def run(cfg, inputs, ctx, out: Path) -> dict:
+def run(cfg: Config, inputs, ctx, out: Path) -> dict:
     source = resolve_model_source(cfg.teacher.source)
     num_labels = cfg.task.num_labels
     truncated = count_truncated(load_tokenizer(source), inputs["data"].path, cfg.teacher.max_length)
@@ -61,10 +69,10 @@ def run(cfg, inputs, ctx, out: Path) -> dict:
     log.info("teacher %s has no classifier for this task: fine-tuning it on Ray Train", cfg.teacher.source)
     data_dir = inputs["data"].path
     job = train_job(
-        method="finetune", params={}, shape=None, settings=cfg.teacher.train, teacher=None, init_model=str(initial),
+        method=FineTune.name, params={}, shape=None, settings=cfg.teacher.train, teacher=None, init_model=str(initial),
         tokenizer=str(initial), max_length=cfg.teacher.max_length, num_labels=num_labels,
         regression=cfg.task.task_type == "regression", train_rows=inputs["data"].result()["rows"]["train"],
-        train_path=str(data_dir / "train.parquet"), torch_threads=worker_threads(cfg),
+        train_path=str(data_dir / "train.parquet"), torch_threads=cfg.ray.threads_per_worker,
     )
     outcome = fit(cfg, job, data_dir / "train.parquet", data_dir / "dev.parquet", f"{cfg.name}-teacher-{ctx.key}", out)
     shutil.rmtree(initial)

@@ -28,7 +28,7 @@ from pipeline.search_space import SearchSpace, apply_sample
 from pipeline.tracking import flatten
 from stages.distill import student_job, trainer
 from stages.errors import StageError
-from stages.student_training import STUDENT_DIR, LocalIO, as_path, train_student
+from stages.student_training import LocalIO, as_path, kept_student, train_student
 
 CHECKPOINT_PATH_KEY = "checkpoint_path"
 
@@ -38,6 +38,13 @@ def _expected_epochs(spec) -> int:
 
     method = get_method(spec.method)(spec.params)
     return sum(phase.epochs if phase.epochs is not None else spec.train.epochs for phase in method.phases())
+
+
+def _final_phase_epochs(spec) -> int:
+    from kd.methods import get_method
+
+    final = get_method(spec.method)(spec.params).phases()[-1]
+    return final.epochs if final.epochs is not None else spec.train.epochs
 
 
 def trial(config: dict[str, Any], *, exp_document: dict, base_student: dict, inputs: dict[str, str], mode: str) -> None:
@@ -55,7 +62,7 @@ def trial(config: dict[str, Any], *, exp_document: dict, base_student: dict, inp
             checkpoint = tune.get_checkpoint()
             return as_path(checkpoint.as_directory()) if checkpoint is not None else nullcontext(None)
 
-        train_student(job, LocalIO(train_source, dev_path, spec.train.seed, report, resume_from), verbose=False)
+        train_student(job, LocalIO(train_source, dev_path, report, resume_from), verbose=False)
     else:
         from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -122,8 +129,10 @@ class MlflowTrialRuns(tune.Callback):
 def scheduler_and_searcher(exp: Experiment, space: SearchSpace, metric: str, epochs: int):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    scheduler = (ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=min(exp.tune.grace_period, epochs),
-                               reduction_factor=2)
+    # Rungs count epochs of the final phase only: a two-phase method (TinyBERT) has no trained prediction layer
+    # to judge before it, so its first phase must not be held against it.
+    scheduler = (ASHAScheduler(time_attr="final_phase_epoch", max_t=epochs,
+                               grace_period=min(exp.tune.grace_period, epochs), reduction_factor=2)
                  if exp.tune.scheduler == "asha" else FIFOScheduler())
     searcher = None
     if exp.tune.search == "optuna":
@@ -152,7 +161,7 @@ def run_search(exp: Experiment, base_student: dict, space: SearchSpace, inputs: 
     """Run (or resume) the search; returns Tune's results and the wall time of this invocation."""
     metric = space.metric or "dev_accuracy"
     spec = TypeAdapter(StudentSpec).validate_python(base_student)
-    scheduler, searcher = scheduler_and_searcher(exp, space, metric, _expected_epochs(spec))
+    scheduler, searcher = scheduler_and_searcher(exp, space, metric, _final_phase_epochs(spec))
     if exp.tune.trial_mode == "nested":
         check_nested_fits(exp, ray.cluster_resources().get("CPU", 0.0))
     resources = {"CPU": exp.tune.cpus_per_trial} if exp.tune.trial_mode == "in_process" else {"CPU": NESTED_TRIAL_CPU}
@@ -188,9 +197,9 @@ def run_search(exp: Experiment, base_student: dict, space: SearchSpace, inputs: 
 def student_dir_of(result) -> Path | None:
     """The student a trial ended with: in its Tune checkpoint (in-process) or its nested run's checkpoint."""
     if result.checkpoint is not None:
-        return Path(result.checkpoint.path) / STUDENT_DIR
+        return kept_student(Path(result.checkpoint.path))
     path = (result.metrics or {}).get(CHECKPOINT_PATH_KEY)
-    return Path(path) / STUDENT_DIR if path else None
+    return kept_student(Path(path)) if path else None
 
 
 def trial_records(results: tune.ResultGrid, metric: str) -> list[dict]:

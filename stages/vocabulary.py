@@ -6,15 +6,25 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pydantic import Field
+
 from kd.methods import get_method
 from stages.models import load_tokenizer
-from stages.student_training import STUDENT_DIR, corpus_texts
+from stages.config import StageConfig, StudentSpec, UNKEYED
+from stages.layout import STUDENT_DIR, TOKENIZER_DIR
+from stages.student_training import corpus_texts
 
-TOKENIZER_DIR = "tokenizer"
+class Config(StageConfig):
+    """The vocabulary follows the method's ``vocabulary_key`` alone, so students that agree on it share one: the
+    entry itself reaches the stage, but only the key reaches its cache key."""
+
+    student: StudentSpec = Field(json_schema_extra=UNKEYED)
+    method: str
+    vocabulary: dict
 
 
-def run(cfg, spec, inputs, ctx, out: Path) -> dict:
-    """``spec``: a student entry whose method has a ``vocabulary_key``; the stage is keyed by that key."""
+def run(cfg: Config, inputs, ctx, out: Path) -> dict:
+    spec = cfg.student
     method = get_method(spec.method)(spec.params)
     teacher_tokenizer = load_tokenizer(str(inputs["teacher"].path / STUDENT_DIR))
     tokenizer = method.student_tokenizer(teacher_tokenizer, corpus_texts(str(inputs["data"].path / "train.parquet")))

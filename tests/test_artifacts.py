@@ -15,7 +15,8 @@ def test_key_changes_with_config_inputs_stage_and_version():
     assert content_key("s", {"a": 2}, {"x": Artifact("x", "k1", None)}) != base
     assert content_key("s", {"a": 1}, {"x": Artifact("x", "k2", None)}) != base
     assert content_key("t", {"a": 1}, {"x": Artifact("x", "k1", None)}) != base
-    assert content_key("s", {"a": 1}, {"x": Artifact("x", "k1", None)}, version=2) != base
+    assert content_key("s", {"a": 1}, {"x": Artifact("x", "k1", None)}, code={"kd/losses.py": "1"}) != base
+    assert content_key("s", {"a": 1}, {"x": "k1"}) == base
 
 
 def test_key_accepts_pydantic_models():

@@ -69,6 +69,14 @@ def test_undeclared_labels_stop_the_run_with_the_first_bad_row(tmp_path):
     assert result.exit_code == 1 and "10 row(s)" in result.output and "'meh'" in result.output
 
 
+def test_a_data_file_without_rows_stops_the_run_in_one_line(tmp_path):
+    data = tmp_path / "reviews.csv"
+    data.write_text("sentence,label\n")
+    result = invoke("run", smoke_with(tmp_path, task__source=str(data), task__max_rows=None))
+    assert result.exit_code == 1
+    assert f"error: {data} has no rows" in result.output.splitlines()[-1] and "n_samples" not in result.output
+
+
 @pytest.mark.parametrize("address", ["127.0.0.1:{port}", "ray://127.0.0.1:{port}", "ray://10.255.255.1:10001"])
 def test_unreachable_ray_address_fails_before_compute(tmp_path, address):
     address = address.format(port=free_port())

@@ -1,5 +1,7 @@
 """Task loading: local formats, sentence pairs, refusing or skipping bad rows, splits, rt-snippets."""
 
+import re
+
 import pandas as pd
 import pytest
 
@@ -80,6 +82,59 @@ def test_bad_rows_can_be_skipped_and_are_counted(tmp_path):
     source = write(df, tmp_path / "d.csv")
     result = prepare(TaskConfig(source=str(source), labels=["neg", "pos"], bad_rows="skip"), tmp_path)
     assert result["skipped"] == {"all": 2} and sum(result["rows"].values()) == 38
+
+
+def test_empty_label_cells_are_the_only_bad_rows(tmp_path):
+    # pandas reads an integer column with empty cells as float: 1.0 must still match the declared label 1
+    df = pd.DataFrame({"sentence": [f"review {i}" for i in range(40)], "label": [i % 2 for i in range(40)]})
+    df.loc[[3, 7], "label"] = None
+    source = write(df, tmp_path / "d.csv")
+    with pytest.raises(StageError) as caught:
+        prepare(TaskConfig(source=str(source), labels=[0, 1]), tmp_path)
+    message = str(caught.value)
+    assert "2 row(s)" in message and "rows 3, 7: empty label." in message
+    out = tmp_path / "out"
+    out.mkdir()
+    result = prepare(TaskConfig(source=str(source), labels=[0, 1], bad_rows="skip"), out)
+    assert result["skipped"] == {"all": 2} and sum(result["rows"].values()) == 38
+    assert set(pd.read_parquet(out / "train.parquet").label) == {0, 1}
+
+
+def test_undeclared_labels_are_shown_as_written(tmp_path):
+    df = pd.DataFrame({"sentence": [f"review {i}" for i in range(30)], "label": [i % 3 for i in range(30)]})
+    source = write(df, tmp_path / "d.csv")
+    with pytest.raises(StageError) as caught:
+        prepare(TaskConfig(source=str(source), labels=[0, 1]), tmp_path)
+    message = str(caught.value)
+    assert "rows 2, 5, 8, 11, 14 and 5 more: label 2 is not one of [0, 1]" in message and "np." not in message
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl", ".parquet"])
+def test_a_file_without_rows_is_named(tmp_path, suffix):
+    source = write(frame(0), tmp_path / f"d{suffix}")
+    with pytest.raises(StageError, match=f"^{re.escape(str(source))} has no rows"):
+        prepare(TaskConfig(source=str(source), labels=["neg", "pos"]), tmp_path)
+
+
+def test_a_split_file_without_rows_is_named_with_its_split(tmp_path):
+    folder = tmp_path / "splits"
+    folder.mkdir()
+    write(frame(30), folder / "train.csv")
+    (folder / "validation.csv").write_text("sentence,label\n")
+    with pytest.raises(StageError, match=r"validation\.csv \(split 'validation'\) has no rows"):
+        prepare(TaskConfig(source=str(folder), labels=["neg", "pos"]), tmp_path)
+
+
+def test_skipping_every_row_is_refused(tmp_path):
+    source = write(frame(30), tmp_path / "d.csv")
+    with pytest.raises(StageError, match="has no rows left after skipping 30 bad row"):
+        prepare(TaskConfig(source=str(source), labels=["good", "bad"], bad_rows="skip"), tmp_path)
+
+
+def test_too_few_rows_to_carve_a_split_is_explained(tmp_path):
+    source = write(frame(5), tmp_path / "d.csv")
+    with pytest.raises(StageError, match="cannot carve the test split .* from 5 row"):
+        prepare(TaskConfig(source=str(source), labels=["neg", "pos"]), tmp_path)
 
 
 def test_missing_column_names_what_exists(tmp_path):

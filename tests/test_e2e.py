@@ -119,6 +119,71 @@ def test_rerun_recomputes_nothing_but_times_every_model_again(smoke_run):
         assert student["speedup"] == timed[0]["teacher"]["latency_ms"] / timed[0][name]["latency_ms"]
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def dry_run_from(tree: Path, exp) -> str:
+    """``run --dry-run`` of the smoke config against the smoke workdir, with the code of ``tree``."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(tree), "COLUMNS": "250"}
+    done = subprocess.run([sys.executable, "-m", "pipeline", "run", str(SMOKE), "--workdir", str(exp.workdir),
+                           "--dry-run"], cwd=tree, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def stage_states(output: str) -> dict[str, str]:
+    states = {}
+    for line in output.splitlines():
+        cells = [cell.strip() for cell in line.strip("│ ").split("│")]
+        if len(cells) >= 3 and cells[1] in ("cached", "to run"):
+            states[cells[0]] = cells[1] + (f": {cells[2]}" if cells[2] else "")
+    return states
+
+
+def test_dry_run_lists_every_stage_as_cached(smoke_run):
+    exp, _, _ = smoke_run
+    states = stage_states(dry_run_from(REPO, exp))
+    assert len(states) == 8 and set(states.values()) == {"cached"}
+
+
+def test_editing_a_methods_loss_reruns_only_its_students(smoke_run, tmp_path):
+    import shutil
+
+    exp, _, _ = smoke_run
+    tree = tmp_path / "tree"
+    for package in ("kd", "stages", "pipeline"):
+        shutil.copytree(REPO / package, tree / package, ignore=shutil.ignore_patterns("__pycache__"))
+    hinton = tree / "kd" / "methods" / "hinton.py"
+    source = hinton.read_text()
+    assert "p.alpha * soft + (1 - p.alpha) * hard" in source
+    hinton.write_text(source.replace("p.alpha * soft + (1 - p.alpha) * hard", "(1 - p.alpha) * hard + p.alpha * soft"))
+    states = stage_states(dry_run_from(tree, exp))
+    rerun = {name: state for name, state in states.items() if state != "cached"}
+    assert set(rerun) == {"distill kd_2L (kd)", "evaluate kd_2L"}, states
+    assert "code changed: kd/methods/hinton.py" in rerun["distill kd_2L (kd)"]
+    assert "input changed: model" in rerun["evaluate kd_2L"]
+
+
+def test_the_same_student_trained_again_on_ray_repeats_its_history(smoke_run):
+    exp, first_runner, _ = smoke_run
+    # report_every changes the stage key but not the training: the same seed must give the same epochs.
+    again = load_experiment(SMOKE, ["students.kd_2L.train.report_every=3"], workdir=exp.workdir)
+    runner = PipelineRunner(again, Console(width=160))
+    runner.run()
+    assert runner.counts["ran"] == 2
+    name = "distill kd_2L (kd)"
+    first, second = ([record for record in r.done[name].result()["history"] if "dev" in record]
+                     for r in (first_runner, runner))
+    assert len(first) == len(second) >= 1
+    for a, b in zip(first, second):
+        assert a["loss/total"] == pytest.approx(b["loss/total"], rel=1e-6)
+        assert a["dev"] == pytest.approx(b["dev"], rel=1e-6)
+
+
 def test_changing_a_student_reruns_only_its_distill_and_evaluate(smoke_run):
     exp, _, _ = smoke_run
     changed = load_experiment(SMOKE, ["students.kd_2L.params.alpha=0.5"], workdir=exp.workdir)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification
 
+from kd.attention import SCORES_ATTENTION
 from kd.methods import get_method
 from kd.methods.base import TeacherOutputs
 from kd.methods.distilbert import DistilBertStudentOutput, mask_tokens
@@ -22,12 +23,12 @@ VOCAB = 21  # its 5 special tokens and 16 words
 
 
 def bert(hidden_size=16, layers=4, heads=2):
-    """A tiny random classifier with eager attention (sdpa returns no attention maps) and no dropout."""
+    """A tiny random classifier whose attention maps are kd.attention's scores (sdpa returns none), no dropout."""
     config = BertConfig(vocab_size=VOCAB, hidden_size=hidden_size, num_hidden_layers=layers, num_attention_heads=heads,
                         intermediate_size=32, max_position_embeddings=32, num_labels=2,
                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     model = BertForSequenceClassification(config)
-    model.set_attn_implementation("eager")
+    model.set_attn_implementation(SCORES_ATTENTION)
     return model
 
 
@@ -210,7 +211,7 @@ def test_pkd_terms_match_hand_computation():
     def unit(v):
         return v / np.linalg.norm(v, axis=-1, keepdims=True)
 
-    patient = sum(np.mean(np.sum((unit(student_hidden[j][:, 0]) - unit(teacher_hidden[m][:, 0])) ** 2, axis=-1))
+    patient = sum(np.mean((unit(student_hidden[j][:, 0]) - unit(teacher_hidden[m][:, 0])) ** 2)
                   for j, m in [(1, 2), (2, 4)])
     ce = -np.mean(np.log(softmax(STUDENT_LOGITS))[np.arange(2), labels])
     p, q = softmax(TEACHER_LOGITS / 3.0), softmax(STUDENT_LOGITS / 3.0)
@@ -228,8 +229,8 @@ def test_pkd_defaults():
 
 # ---- TinyBERT ---------------------------------------------------------------------------------------------------
 
-def attention_maps(batch, heads, length, seed):
-    return softmax(arr(batch, heads, length, length, seed=seed))
+def attention_scores(batch, heads, length, seed):
+    return arr(batch, heads, length, length, seed=seed)
 
 
 def masked_mse(a, b, weights):
@@ -242,8 +243,8 @@ def test_tinybert_intermediate_terms_match_hand_computation(student_heads):
     mask = MASK2x3
     student_hidden = [arr(2, 3, 3, seed=30 + i) for i in range(3)]
     teacher_hidden = [arr(2, 3, 4, seed=40 + i) for i in range(5)]
-    student_att = [attention_maps(2, student_heads, 3, seed=50 + i) for i in range(2)]
-    teacher_att = [attention_maps(2, 2, 3, seed=60 + i) for i in range(4)]
+    student_att = [attention_scores(2, student_heads, 3, seed=50 + i) for i in range(2)]
+    teacher_att = [attention_scores(2, 2, 3, seed=60 + i) for i in range(4)]
     w_e, b_e, w_h, b_h = arr(4, 3, seed=70), arr(4, seed=71), arr(4, 3, seed=72), arr(4, seed=73)
     student_out = SimpleNamespace(logits=t(STUDENT_LOGITS), hidden_states=tuple(map(t, student_hidden)),
                                   attentions=tuple(map(t, student_att)))
@@ -287,7 +288,7 @@ def test_tinybert_refuses_missing_attentions_and_unknown_phases():
     teacher_out = teacher(**inputs, output_hidden_states=True, output_attentions=True)
     teacher_out = TeacherOutputs(teacher_out.logits, teacher_out.hidden_states, teacher_out.attentions)
     method = get_method("tinybert")()
-    with pytest.raises(ValueError, match="eager"):
+    with pytest.raises(ValueError, match=f"{SCORES_ATTENTION}.*sdpa returns no attention maps"):
         method.loss(student_out, teacher_out, batch, method.auxiliary_modules(student, teacher), "intermediate")
     with pytest.raises(ValueError, match="no phase 'train'"):
         method.loss(student_out, teacher_out, batch, nn.ModuleDict(), "train")
@@ -299,7 +300,7 @@ def test_tinybert_runs_intermediate_then_prediction():
     method = get_method("tinybert")({"intermediate_epochs": 2})
     assert [(p.name, p.epochs) for p in method.phases()] == [("intermediate", 2), ("prediction", None)]
     student = method.build_student(teacher, StudentShape(layers=2))
-    student.set_attn_implementation("eager")
+    student.set_attn_implementation(SCORES_ATTENTION)
     distiller = Distiller(method, student, teacher, TrainSettings(epochs=1, learning_rate=1e-3), 2)
     classifier = student.classifier.weight.detach().clone()
     seen = []
@@ -359,7 +360,7 @@ def distiller_for(name, params, shape, steps=10):
     teacher = bert()
     method = get_method(name)(params)
     student = method.build_student(teacher, StudentShape(**{"layers": 2, "init": method.default_init, **shape}))
-    student.set_attn_implementation("eager")
+    student.set_attn_implementation(SCORES_ATTENTION)
     return Distiller(method, student, teacher, TrainSettings(learning_rate=2e-3, warmup_ratio=0, epochs=1), steps)
 
 

@@ -56,8 +56,17 @@ def test_cosine_loss_is_one_minus_cosine():
 
 def test_normalized_mse_compares_directions_only():
     a, b = torch.tensor([[3.0, 0.0]]), torch.tensor([[0.0, 0.5]])
-    assert get_loss("normalized_mse")(a, b).item() == pytest.approx(2.0)
+    # (1, 0) − (0, 1) = (1, −1): squared (1, 1), whose mean is 1 (a sum over features would give 2).
+    assert get_loss("normalized_mse")(a, b).item() == pytest.approx(1.0)
     assert get_loss("normalized_mse")(a, 10 * a).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_normalized_mse_is_a_mean_over_features_and_batch_as_in_the_reference_code():
+    student = torch.tensor([[3.0, 4.0], [1.0, 0.0]])
+    teacher = torch.tensor([[4.0, 3.0], [0.0, 2.0]])
+    # Row 1: (0.6, 0.8) − (0.8, 0.6) = (−0.2, 0.2), squared (0.04, 0.04); row 2: (1, 0) − (0, 1), squared (1, 1).
+    # Four squared differences averaged: (0.04 + 0.04 + 1 + 1) / 4.
+    assert get_loss("normalized_mse")(student, teacher).item() == pytest.approx(0.52, rel=1e-6)
 
 
 def test_logit_mse_sums_classes_and_averages_batch():
@@ -93,3 +102,59 @@ def test_registry_refuses_duplicates_and_names_unknown_losses():
     with pytest.raises(KeyError, match="known"):
         get_loss("nope")
     assert {"kl", "soft_ce", "ce", "mse", "cos"} <= set(LOSSES)
+
+
+# ---- regression: one output column, float labels ---------------------------------------------------------------
+
+SCORES = np.array([[0.5], [-1.0], [2.0]])  # a regression student's outputs [B, 1]
+TEACHER_SCORES = np.array([[1.0], [-1.5], [0.0]])
+FLOAT_LABELS = np.array([0.0, -1.0, 2.5])  # -1.0 is a score, not NO_LABEL
+
+
+@pytest.mark.parametrize("name", ["kl", "soft_ce"])
+def test_soft_losses_on_one_column_are_the_mse_to_the_teachers_score(name):
+    # ((0.5 − 1)² + (−1 + 1.5)² + (2 − 0)²) / 3 = (0.25 + 0.25 + 4) / 3; the temperature plays no part.
+    for temperature in (1.0, 4.0):
+        got = get_loss(name)(torch.tensor(SCORES), torch.tensor(TEACHER_SCORES), temperature)
+        assert got.item() == pytest.approx(4.5 / 3, rel=1e-9)
+
+
+def test_ce_on_float_labels_is_the_mse_over_every_row():
+    # ((0.5 − 0)² + (−1 + 1)² + (2 − 2.5)²) / 3: the row labelled −1.0 counts (and here fits exactly).
+    got = get_loss("ce")(torch.tensor(SCORES), torch.tensor(FLOAT_LABELS))
+    assert got.item() == pytest.approx(0.5 / 3, rel=1e-9)
+
+
+def test_ce_on_float32_labels_keeps_the_students_dtype():
+    got = get_loss("ce")(torch.tensor(SCORES, dtype=torch.float32), torch.tensor(FLOAT_LABELS, dtype=torch.float32))
+    assert got.dtype == torch.float32 and got.item() == pytest.approx(0.5 / 3, rel=1e-6)
+
+
+def test_ce_refuses_float_labels_for_class_logits():
+    with pytest.raises(ValueError, match="one output column; the logits have 3"):
+        get_loss("ce")(torch.tensor(STUDENT), torch.tensor([0.5, 1.0]))
+
+
+def test_class_logits_keep_the_distribution_losses():
+    # Two columns are classes, not a score: KL between the softmaxes, as before.
+    two = np.array([[1.0, 0.0]])
+    p, q = softmax(np.array([[0.0, 1.0]])), softmax(two)
+    got = get_loss("kl")(torch.tensor(two), torch.tensor([[0.0, 1.0]]))
+    assert got.item() == pytest.approx(np.sum(p * np.log(p / q)), rel=1e-6)
+
+
+@pytest.mark.parametrize("method, params", [("kd", {}), ("textsmooth", {}), ("bilstm", {"alpha": 0.5})])
+def test_regression_student_gets_a_gradient_from_the_soft_term(method, params):
+    # With α the soft term's weight, the gradient of the total on the scores is α·∂soft + (1 − α)·∂hard; each
+    # term's by hand: ∂/∂s mean((s − y)²) = 2(s − y)/B. logit_mse (bilstm) sums one column: the same MSE.
+    scores = torch.tensor(SCORES, requires_grad=True)
+    losses = get_method(method)(params).loss(type("Out", (), {"logits": scores})(),
+                                             TeacherOutputs(logits=torch.tensor(TEACHER_SCORES)),
+                                             {"labels": torch.tensor(FLOAT_LABELS)}, None, "train")
+    soft_name = "mse" if method == "bilstm" else "kd"
+    (soft_grad,) = torch.autograd.grad(losses[soft_name], scores, retain_graph=True)
+    np.testing.assert_allclose(soft_grad.numpy(), 2 * (SCORES - TEACHER_SCORES) / 3, rtol=1e-9)
+    alpha = get_method(method)(params).params.alpha
+    (total_grad,) = torch.autograd.grad(losses["total"], scores)
+    by_hand = alpha * 2 * (SCORES - TEACHER_SCORES) / 3 + (1 - alpha) * 2 * (SCORES - FLOAT_LABELS[:, None]) / 3
+    np.testing.assert_allclose(total_grad.numpy(), by_hand, rtol=1e-9)

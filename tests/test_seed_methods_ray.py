@@ -22,8 +22,8 @@ from pipeline.config import validate
 from pipeline.runner import PipelineRunner
 from stages.label import TeacherPredictor
 from stages.models import load_classifier, load_tokenizer
-from stages.student_training import STUDENT_DIR
-from stages.vocabulary import TOKENIZER_DIR
+from stages.layout import STUDENT_DIR
+from stages.layout import TOKENIZER_DIR
 
 from conftest import SMOKE_CONFIG
 

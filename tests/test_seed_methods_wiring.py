@@ -18,16 +18,18 @@ from kd.batching import LABEL, TEACHER_LOGITS, TEXT_A
 from kd.dualtrain import STUDENT_INPUT_IDS, UNIT_IDS, DualCollator, train_wordpiece
 from kd.ensemble import ensemble_logits
 from kd.training import TrainSettings
-from pipeline.artifacts import Artifact, content_key
-from pipeline.config import ConfigError, load_experiment, validate
+from kd.methods import get_method
+from pipeline.artifacts import Artifact
+from pipeline.config import ConfigError, validate
 from pipeline.preflight import check_students_fit_teacher
 from pipeline.report import EARLY_EXIT_FILE, early_exit_curves, write_report
-from pipeline.runner import STAGE_VERSIONS, corpus_key, evaluate_slice, student_corpus
+from pipeline.runner import corpus_key, student_corpus
 from pipeline.summary import with_timing
 from stages import vocabulary
 from stages.label import EnsemblePredictor, TeacherPredictor
 from stages.models import load_tokenizer
-from stages.student_training import STUDENT_DIR, LocalIO, build_distiller, train_job
+from stages.layout import STUDENT_DIR, TOKENIZER_DIR
+from stages.student_training import LocalIO, build_distiller, train_job
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 SENTENCES = ["the movie was good", "a bad plot", "the actor is great", "not very fun", "a dull film",
@@ -96,14 +98,15 @@ def test_vocabulary_stage_trains_on_the_train_split_and_a_worker_trains_with_it(
     data, teacher = corpus_dirs
     spec = dualtrain_spec()
     inputs = {"data": Artifact("data", "d", data), "teacher": Artifact("teacher", "t", teacher)}
-    facts = vocabulary.run(None, spec, inputs, None, tmp_path)
-    built = tmp_path / vocabulary.TOKENIZER_DIR
+    config = vocabulary.Config(student=spec, method=spec.method, vocabulary=get_method(spec.method)(spec.params).vocabulary_key())
+    facts = vocabulary.run(config, inputs, None, tmp_path)
+    built = tmp_path / TOKENIZER_DIR
     assert facts["wordpiece_vocab_size"] == 40 and facts["size"] == len(load_tokenizer(str(built)))
     job = train_job(method="dualtrain", params=spec.params.model_dump(), shape=spec.student.model_dump(),
                     settings=TrainSettings(batch_size=8), teacher=str(teacher / STUDENT_DIR), init_model=None,
                     tokenizer=str(teacher / STUDENT_DIR), max_length=16, num_labels=2, regression=False,
                     train_rows=32, train_path=str(data / "train.parquet"), torch_threads=1, vocabulary=str(built))
-    distiller, collator = build_distiller(job, LocalIO(data / "train.parquet", data / "dev.parquet", 0))
+    distiller, collator = build_distiller(job, LocalIO(data / "train.parquet", data / "dev.parquet"))
     assert isinstance(collator, DualCollator)
     assert collator.tokenizer.get_vocab() == load_tokenizer(str(built)).get_vocab()  # not retrained
     assert distiller.student.get_input_embeddings().num_embeddings == facts["size"]
@@ -178,15 +181,6 @@ def test_a_fastbert_over_the_teacher_and_a_dualtrain_fit_it():
 
 
 # ---- cache keys and corpora ------------------------------------------------------------------------------------
-
-def test_single_teacher_keys_are_those_from_before_the_seed_methods():
-    exp = load_experiment(CONFIGS_DIR / "quickstart.yaml")
-    # The evaluate stage's key, as it was computed from the whole evaluate block before exit_speeds existed.
-    before = exp.evaluate.model_dump(mode="json", exclude={"exit_speeds"})
-    assert content_key("evaluate", evaluate_slice(exp), version=STAGE_VERSIONS["evaluate"]) == content_key(
-        "evaluate", before, version=STAGE_VERSIONS["evaluate"])
-    assert "exit_speeds" in evaluate_slice(exp, validate(experiment(fastbert())).students[0])
-
 
 @pytest.mark.parametrize("student, corpus", [
     (KD, "label"),

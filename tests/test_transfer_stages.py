@@ -20,14 +20,16 @@ from kd.mlm import MlmSettings, WholeWordCandidates, adapt, head_parameters, mas
 from kd.students import StudentShape
 from kd.textsmooth import MLM_TOPK_IDS, MLM_TOPK_PROBS, pad_topk
 from kd.training import TrainSettings
-from pipeline.artifacts import Artifact, content_key, write_result
+from pipeline.artifacts import Artifact
 from pipeline.config import ConfigError, validate
 from pipeline.runner import PipelineRunner, student_corpus
 from stages.augment import MlmAugmenter, TangAugmenter, with_copies
 from stages.distill import student_params
-from stages.mlm_teacher import MLM_DIR, adapt_teacher
+from stages.layout import MLM_DIR
+from stages.mlm_teacher import adapt_teacher
 from stages.mlm_topk import TopKPredictor
-from stages.student_training import STUDENT_DIR, LocalIO, train_job, train_student
+from stages.layout import STUDENT_DIR
+from stages.student_training import LocalIO, train_job, train_student
 from stages.models import load_classifier, load_tokenizer
 
 from conftest import tiny_bert_config
@@ -198,7 +200,7 @@ def test_bilstm_own_vocabulary_is_what_training_uses_and_saves(teacher_dir, tmp_
     def keep_student(metrics, directory):  # the epoch's checkpoint, as Ray Train would persist it
         shutil.copytree(directory / STUDENT_DIR, folder)
 
-    distiller = train_student(job, LocalIO(tmp_path / "train.parquet", tmp_path / "dev.parquet", 0, keep_student),
+    distiller = train_student(job, LocalIO(tmp_path / "train.parquet", tmp_path / "dev.parquet", keep_student),
                               verbose=False)
     assert np.isfinite(distiller.progress.history[-1]["loss/total"])
     tokenizer, student = load_tokenizer(str(folder)), load_classifier(str(folder), 2).eval()
@@ -267,60 +269,46 @@ def test_transfer_fields_are_checked(fields, message):
 # --- the runner's choice of inputs ------------------------------------------------------------------------------
 
 
-def stage_graph(tmp_path, monkeypatch, mlm_steps: int) -> tuple[list[str], dict, dict, list]:
-    """The stages a runner runs for three DistilBERT students (MLM term on with no head, off, on with a head of
-    its own), each stage replaced by a recorder that keys it as the runner's ``stage`` does; returns the stages
-    in order, the prepared artifacts, every student's distill config slice, inputs and key, and the students."""
+def stage_graph(tmp_path, mlm_steps: int) -> tuple[list[str], dict, dict, list]:
+    """The stages a runner plans for three DistilBERT students (MLM term on with no head, off, on with a head of
+    its own): the stages in order, the shared nodes by input name, every student's distill config slice, inputs
+    (as artifacts under ``tmp_path``) and key, and the students."""
     exp = validate(experiment(workdir=str(tmp_path), teacher={"mlm": {"steps": mlm_steps}}, students=[
         {"name": "auto", "method": "distilbert", "student": {"layers": 2}},
         {"name": "off", "method": "distilbert", "student": {"layers": 2}, "params": {"alpha_mlm": 0}},
         {"name": "own", "method": "distilbert", "student": {"layers": 2}, "params": {"mlm_head": "/heads/own"}},
     ]))
     runner = PipelineRunner(exp)
-    ran, distills = [], {}
-
-    def record(stage, label_text, fn, config_slice, inputs, **_):
-        key = content_key(stage, config_slice, inputs)
-        path = tmp_path / stage / key
-        path.mkdir(parents=True, exist_ok=True)
-        write_result(path, {"rows": {"train": 8}} if stage == "data" else {})
-        ran.append(stage)
-        if stage == "distill":
-            distills[label_text.split()[1]] = (config_slice, inputs, key)
-        return Artifact(stage, key, path)
-
-    monkeypatch.setattr(runner, "stage", record)
-    monkeypatch.setattr("pipeline.runner.ensure_ray", lambda config: None)
-    monkeypatch.setattr(runner, "time_models", lambda *args: {})
-    monkeypatch.setattr("pipeline.runner.build_summary", lambda *args: None)
-    prepared = runner.prepare(exp.students)
-    runner._run_students(prepared, 0)
-    return ran, prepared, distills, exp.students
+    refs, (students,) = runner.plan()
+    distills = {}
+    for name, (_, distill_node, _) in students.items():
+        node = runner.nodes[distill_node]
+        inputs = {input_name: Artifact(input_name, runner.planned(ref).key, tmp_path / ref)
+                  for input_name, ref in node.inputs.items()}
+        distills[name] = (node.config, inputs, runner.planned(distill_node).key)
+    shared = {name: Artifact(name, runner.planned(ref).key, tmp_path / ref) for name, ref in refs.items()}
+    return [node.stage for node in runner.nodes.values()], shared, distills, exp.students
 
 
-def test_distilbert_mlm_term_reads_the_masked_lm_teacher_and_is_keyed_by_it(tmp_path, monkeypatch):
-    ran, prepared, distills, (auto, off, own) = stage_graph(tmp_path / "a", monkeypatch, mlm_steps=5)
+def test_distilbert_mlm_term_reads_the_masked_lm_teacher_and_is_keyed_by_it(tmp_path):
+    ran, prepared, distills, (auto, off, own) = stage_graph(tmp_path / "a", mlm_steps=5)
     assert ran[:4] == ["data", "teacher", "mlm_teacher", "evaluate"]
     assert [name for name, (_, inputs, _) in distills.items() if "mlm_teacher" in inputs] == ["auto"]
     config_slice, inputs, _ = distills["auto"]
-    assert inputs["mlm_teacher"] is prepared["mlm_teacher"]
+    assert inputs["mlm_teacher"] == prepared["mlm_teacher"]
     # The slice keeps the head unset: the key follows the masked-LM teacher's key, not where the workdir is.
-    assert config_slice["spec"]["params"]["mlm_head"] is None
+    assert config_slice.student.params.mlm_head is None
     assert student_params(auto, inputs)["mlm_head"] == str(prepared["mlm_teacher"].path / MLM_DIR)
     assert student_params(off, distills["off"][1])["mlm_head"] is None
     assert student_params(own, distills["own"][1])["mlm_head"] == "/heads/own"
 
-    _, _, adapted_longer, _ = stage_graph(tmp_path / "b", monkeypatch, mlm_steps=6)
+    _, _, adapted_longer, _ = stage_graph(tmp_path / "b", mlm_steps=6)
     assert [name for name in distills if distills[name][2] != adapted_longer[name][2]] == ["auto"]
 
 
-def test_no_masked_lm_teacher_without_a_student_that_reads_it(tmp_path, monkeypatch):
+def test_no_masked_lm_teacher_without_a_student_that_reads_it():
     exp = validate(experiment(teacher={"mlm": {"steps": 5}}, students=[
         {"name": "off", "method": "distilbert", "student": {"layers": 2}, "params": {"alpha_mlm": 0}}]))
     runner = PipelineRunner(exp)
-    ran = []
-    monkeypatch.setattr(runner, "stage", lambda stage, *args, **kwargs: ran.append(stage) or
-                        Artifact(stage, stage, tmp_path))
-    monkeypatch.setattr("pipeline.runner.ensure_ray", lambda config: None)
-    runner.prepare(exp.students)
-    assert ran == ["data", "teacher", "evaluate"]
+    runner.plan_prepare(exp.students)
+    assert [node.stage for node in runner.nodes.values()] == ["data", "teacher", "evaluate"]

@@ -1,6 +1,6 @@
 """Importing this package registers every method."""
 
-from kd.methods import hinton  # noqa: F401  (registers kd, finetune)
+from kd.methods import finetune, hinton  # noqa: F401  (register finetune, kd)
 from kd.methods import bilstm  # noqa: F401  (registers bilstm; importing kd.bilstm registers its Auto classes)
 from kd.methods import textsmooth  # noqa: F401  (registers textsmooth)
 from kd.methods import distilbert, pkd, tinybert  # noqa: F401  (register distilbert, pkd, tinybert)

@@ -55,7 +55,9 @@ class Method(ABC):
     # What a student trains on when its entry does not say: the task's train split, or the augmented corpus.
     default_data: ClassVar[Literal["task", "augmented"]] = "task"
 
-    # Its loss or inference needs class probabilities (a regression task has none).
+    # Its loss or inference needs class probabilities (a regression task has none). The registered ``kl``,
+    # ``soft_ce`` and ``ce`` losses serve a regression task as they are (MSE on one output column, to the teacher's
+    # score or to the float label), so a method built on them needs nothing more for it.
     classification_only: ClassVar[bool] = False
     # Its student is a plain BERT sequence classifier, which another method (FastBERT) can take as its starting point.
     bert_student: ClassVar[bool] = True

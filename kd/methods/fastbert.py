@@ -45,7 +45,7 @@ class FastBert(Method):
     name = "fastbert"
     Params = FastBertParams
     bert_student = False  # branches on branches would mean nothing
-    classification_only = True
+    classification_only = True  # a sample exits by the entropy of its class probabilities, which one score lacks
 
     def starts_from(self) -> str | None:
         return None if self.params.wrap == TEACHER else self.params.wrap

@@ -1,4 +1,4 @@
-"""Hinton et al. (2015) soft-target distillation, and the no-teacher fine-tuning baseline."""
+"""Hinton et al. (2015): soft-target distillation from cached teacher logits."""
 
 from __future__ import annotations
 
@@ -27,13 +27,3 @@ class HintonKD(Method):
         hard = hard_cross_entropy(student_out.logits, batch["labels"])
         return {"kd": soft, "ce": hard, "total": p.alpha * soft + (1 - p.alpha) * hard}
 
-
-@register_method
-class FineTune(Method):
-    """The no-KD baseline: the same student trained on gold labels alone."""
-
-    name = "finetune"
-
-    def loss(self, student_out, teacher_out, batch, auxiliary, phase):
-        hard = hard_cross_entropy(student_out.logits, batch["labels"])
-        return {"ce": hard, "total": hard}

@@ -7,6 +7,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import PreTrainedModel
 
+from kd.attention import SCORES_ATTENTION
 from kd.layer_maps import LayerMatch, expand_strategy
 from kd.losses import get_loss, register_loss, soft_cross_entropy
 from kd.methods.base import Method, Phase, register_method
@@ -37,14 +38,17 @@ class MobileBertParams(TwoPhaseParams):
 def attention_kl(
     student: torch.Tensor, teacher: torch.Tensor, attention_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """MobileBERT's attention transfer: (1/(h·n)) Σ_heads Σ_queries KL(A_t,q ‖ A_s,q), A [B, heads, n, n] attention
-    probabilities over the keys.
+    """MobileBERT's attention transfer: (1/(h·n)) Σ_heads Σ_queries KL(A_t,q ‖ A_s,q), A [B, heads, n, n] the
+    attention probabilities over the keys, taken here from the unmasked scaled scores [B, heads, n, n] both models
+    return (kd.attention): softmax over the real keys, as the models' own forward pass weighs them, without its
+    attention dropout.
 
     With different head counts both sides are first averaged over their heads (a mean of distributions is one).
-    With a token mask [B, n], padded query rows are left out of the mean; padded keys carry no teacher probability,
-    so they add nothing. 0 · log 0 counts as 0, and student probabilities are floored at the smallest normal number
-    so an underflowed key gives a large finite term, not −inf · 0.
+    With a token mask [B, n], padded keys get no probability and padded query rows are left out of the mean.
+    0 · log 0 counts as 0, and student probabilities are floored at the smallest normal number so an underflowed
+    key gives a large finite term, not −inf · 0.
     """
+    student, teacher = (key_probabilities(scores, attention_mask) for scores in (student, teacher))
     student, teacher = align_heads(student, teacher)
     floor = torch.finfo(student.dtype).tiny
     kl = (torch.xlogy(teacher, teacher) - teacher * student.clamp_min(floor).log()).sum(-1)  # [B, heads, n]
@@ -52,6 +56,13 @@ def attention_kl(
         return kl.mean()
     weights = attention_mask[:, None, :].to(kl.dtype).expand_as(kl)
     return (kl * weights).sum() / weights.sum().clamp_min(1.0)
+
+
+def key_probabilities(scores: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Softmax of scores [B, heads, n, n] over the real keys of a token mask [B, n] (all keys without one)."""
+    if attention_mask is not None:
+        scores = scores.masked_fill(attention_mask[:, None, None, :] == 0, torch.finfo(scores.dtype).min)
+    return scores.softmax(-1)
 
 
 @register_method
@@ -63,7 +74,8 @@ class MobileBert(Method):
 
     then prediction: L = T² · CE(softmax(z_t/T), softmax(z_s/T)). H are the hidden states (H_s at the student's
     narrow inter-block width, mapped to the teacher's by the one W all layers share), A the attention
-    probabilities of head i over the keys for query q. Padded tokens are left out of every mean.
+    probabilities of head i over the keys for query q, without attention dropout (``attention_kl`` takes them from
+    the pre-softmax scores both models return). Padded tokens are left out of every mean.
 
     Departures from the paper: the teacher is the pipeline's plain fine-tuned BERT, not an inverted-bottleneck
     IB-BERT of the student's inter-block width, so the feature maps are compared through the learned W instead of
@@ -104,6 +116,9 @@ class MobileBert(Method):
             num_labels=t.num_labels,
             id2label=t.id2label,
             label2id=t.label2id,
+            # Its own attention already returns these scores; declaring it makes the pipeline's request for them
+            # (set_attn_implementation) a no-op instead of a warning that the model cannot switch implementation.
+            attn_implementation=SCORES_ATTENTION,
         )
         return BottleneckBertForSequenceClassification(config)
 
@@ -127,7 +142,8 @@ class MobileBert(Method):
         if phase != INTERMEDIATE:
             raise ValueError(f"mobilebert has no phase {phase!r}; its phases are {INTERMEDIATE!r}, {PREDICTION!r}")
         if not teacher_out.attentions:  # sdpa gives None or an empty tuple
-            raise ValueError("mobilebert needs the teacher's attention maps: load it with attn_implementation='eager'")
+            raise ValueError("mobilebert needs the teacher's attention scores: load it with attn_implementation="
+                             f"{SCORES_ATTENTION!r} (kd.attention; sdpa returns no attention maps)")
         token_mask = batch.get("attention_mask")
         terms = {feature: student_out.logits.new_zeros(()) for feature in ("hidden", "attention")}
         for match in self.layer_matches(len(teacher_out.hidden_states) - 1, len(student_out.hidden_states) - 1):

@@ -16,9 +16,10 @@ class PKDParams(MethodParams):
     temperature: float = Field(default=10.0, gt=0, description="Softmax temperature T; the paper searches {5, 10, 20}.")
     alpha: float = Field(default=0.5, ge=0, le=1,
                          description="Weight of the soft-target term; 1 − α goes to gold labels.")
-    # The patient term compares unit vectors, so each layer adds at most 4, and far less for a student started from
-    # the teacher's own layers: a large β, 100 from the paper's grid {10, 100, 500, 1000}, keeps that term on the
-    # scale of the cross-entropy ones rather than drowned by them.
+    # The patient term is a mean over the d features of the squared difference of unit vectors, so each layer adds
+    # at most 4/d, and far less for a student started from the teacher's own layers: a large β, 100 from the
+    # paper's grid {10, 100, 500, 1000}, keeps that term on the scale of the cross-entropy ones rather than drowned
+    # by them. β was tuned for this mean, the reference implementation's F.mse_loss, not for a sum over features.
     beta: float = Field(default=100.0, ge=0, description="Weight β of the patient [CLS] loss.")
     strategy: Literal["skip", "last"] = Field(default="skip", description="PKD-skip or PKD-last layer pairing.")
 
@@ -26,12 +27,13 @@ class PKDParams(MethodParams):
 @register_method
 class PKD(Method):
     """L = (1 − α) · CE(z_s, y) + α · T² · KL(softmax(z_t/T) ‖ softmax(z_s/T))
-    + β · Σ_j ‖ h_s,j W / ‖h_s,j W‖ − h_t,m(j) / ‖h_t,m(j)‖ ‖²
+    + β · Σ_j (1/d) ‖ h_s,j W / ‖h_s,j W‖ − h_t,m(j) / ‖h_t,m(j)‖ ‖²
 
     h are [CLS] vectors: h_s,j of student layer j = 1..M−1 (the top layer is left to the prediction loss), h_t,m(j) of
     teacher layer m(j): every k-th layer (PKD-skip, k = N/M) or the last ones (PKD-last). W maps the student's width to
-    the teacher's, the identity when they match (the paper's students share the teacher's width). The student starts
-    from the teacher's first M layers.
+    the teacher's, the identity when they match (the paper's students share the teacher's width); d is the teacher's
+    width. The 1/d (a mean over features, averaged over the batch) is the reference implementation's scale, which
+    its β was tuned for. The student starts from the teacher's first M layers.
     """
 
     name = "pkd"

@@ -7,6 +7,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from kd.attention import SCORES_ATTENTION
 from kd.layer_maps import LayerMatch, expand_strategy
 from kd.losses import get_loss, soft_cross_entropy
 from kd.methods.base import Method, MethodParams, Phase, register_method
@@ -61,13 +62,14 @@ class TinyBert(Method):
         L = w_e · MSE(E_s W_e, E_t) + Σ_m [ w_a · (1/h) Σ_i MSE(A_s,m,i, A_t,g(m),i) + w_h · MSE(H_s,m W_h, H_t,g(m)) ]
 
     then prediction: L = T² · CE(softmax(z_t/T), softmax(z_s/T)). E are the embedding outputs, H the hidden states,
-    A the attention maps of head i; W_e and the one W_h all layers share map the student's width to the teacher's
-    (identities when the widths match). Padded tokens are left out of every mean.
+    A the attention maps of head i: as in the paper, the pre-softmax scores QKᵀ/√d, which kd.attention's
+    implementation (``SCORES_ATTENTION``) returns free of attention dropout. W_e and the one W_h all layers share
+    map the student's width to the teacher's (identities when the widths match). Padded tokens are left out of
+    every mean, the attention MSE's included: it runs over pairs of real query and key tokens.
 
-    Departures from the paper, forced by what Hugging Face returns: A are the post-softmax attention probabilities
-    (the paper uses the pre-softmax scores), averaged over the real query and key positions only; and when student
-    and teacher have different head counts, each side's maps are averaged over its heads before the MSE.
-    The paper's data augmentation is a separate transfer corpus, not part of this loss.
+    Departure from the paper: when student and teacher have different head counts, each side's maps are averaged
+    over its heads before the MSE. The paper's data augmentation is a separate transfer corpus, not part of this
+    loss.
     """
 
     name = "tinybert"
@@ -99,8 +101,8 @@ class TinyBert(Method):
         if phase != INTERMEDIATE:
             raise ValueError(f"tinybert has no phase {phase!r}; its phases are {INTERMEDIATE!r}, {PREDICTION!r}")
         if not student_out.attentions or not teacher_out.attentions:  # sdpa gives None or an empty tuple
-            raise ValueError("tinybert needs the attention maps of student and teacher: use attn_implementation="
-                             "'eager' for both")
+            raise ValueError("tinybert needs the attention scores of student and teacher: use attn_implementation="
+                             f"{SCORES_ATTENTION!r} (kd.attention) for both; sdpa returns no attention maps")
         token_mask = batch.get("attention_mask")
         attention_mask = pair_mask(token_mask)
         terms = {feature: student_out.logits.new_zeros(()) for feature in ("embedding", "attention", "hidden")}

