@@ -23,6 +23,12 @@ class StudentShape(BaseModel):
     hidden_size: int | None = Field(default=None, ge=8, description="None keeps the teacher's width.")
     attention_heads: int | None = Field(default=None, ge=1, description="None: keep the teacher's head size (64 or its own).")
     intermediate_size: int | None = Field(default=None, ge=8, description="None: 4 × hidden_size.")
+    init_from: Literal["teacher", "pretrained"] = Field(
+        default="teacher",
+        description="Where the copied layers come from: the fine-tuned teacher (its pooler and classifier too), or "
+        "the pre-trained checkpoint the teacher was fine-tuned from, with a fresh classifier: what a user would "
+        "fine-tune without a teacher.",
+    )
     init: InitStrategy | list[int] | None = Field(
         default=None,
         description="Teacher layers (1-based) to copy into the student, a named strategy, or 'random'; "

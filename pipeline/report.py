@@ -14,7 +14,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 from rich.table import Table
-from scipy.stats import binomtest
+from scipy.stats import binomtest, ttest_rel
 
 from pipeline.pareto import group_colours, pareto_front, plot_pareto
 
@@ -58,6 +58,23 @@ class StudentRow:
     baseline: str | None
     gain: Spread | None
     within_noise: bool
+    init_from: str = "teacher"
+    # The same student shape fine-tuned from the teacher's own layers: a second baseline, which already carries a
+    # transfer of the teacher's task knowledge.
+    teacher_layers_baseline: str | None = None
+    teacher_layers_gain: Spread | None = None
+
+
+@dataclass(frozen=True)
+class SeedTest:
+    """A paired t-test over seeds of a student's test metric against its baseline's; ``p_holm`` is the p-value
+    Holm-adjusted over every student tested against the same kind of baseline."""
+
+    student: str
+    baseline: str
+    gain: Spread
+    p_value: float
+    p_holm: float
 
 
 @dataclass(frozen=True)
@@ -114,14 +131,70 @@ def _shape(student: dict) -> tuple[int, int | None]:
     return student["layers"], student["hidden_size"]
 
 
+def init_from(student: dict) -> str:
+    """Where a student's layers came from; summaries written before ``init_from`` existed copied the teacher's."""
+    return student.get("init", {}).get("from", "teacher")
+
+
+def _best_on_dev(candidates: list[str], students: Mapping[str, dict], metric: str) -> str | None:
+    return max(candidates, key=lambda other: students[other]["dev"][metric], default=None)
+
+
 def find_baseline(name: str, students: Mapping[str, dict], metric: str) -> str | None:
-    """The ``finetune`` student with the same layers and hidden size as ``name``; when several, the best on
-    dev, so that a gain is measured against the strongest baseline chosen without looking at test."""
+    """What a user would do without a teacher: the ``finetune`` student with the same layers and hidden size as
+    ``name`` started from the pre-trained checkpoint; when several, the best on dev, so that a gain is measured
+    against the strongest baseline chosen without looking at test. Without one (older runs), any ``finetune`` of
+    the shape."""
+    shaped = [other for other, s in students.items() if s["method"] == BASELINE and other != name
+              and _shape(s) == _shape(students[name])]
+    pretrained = [other for other in shaped if init_from(students[other]) == "pretrained"]
+    if students[name]["method"] == BASELINE:
+        # A finetune from the teacher's layers is measured against the pre-trained one; that one is the baseline.
+        return None if init_from(students[name]) == "pretrained" else _best_on_dev(pretrained, students, metric)
+    return _best_on_dev(pretrained or shaped, students, metric)
+
+
+def find_teacher_layers_baseline(name: str, students: Mapping[str, dict], metric: str) -> str | None:
+    """The ``finetune`` student of ``name``'s shape started from the teacher's layers, when the headline baseline
+    is a pre-trained one (otherwise it is the headline baseline already)."""
     if students[name]["method"] == BASELINE:
         return None
-    candidates = [other for other, s in students.items()
-                  if s["method"] == BASELINE and _shape(s) == _shape(students[name])]
-    return max(candidates, key=lambda other: students[other]["dev"][metric], default=None)
+    shaped = [other for other, s in students.items() if s["method"] == BASELINE
+              and _shape(s) == _shape(students[name]) and init_from(s) == "teacher"]
+    headline = find_baseline(name, students, metric)
+    if headline is None or init_from(students[headline]) != "pretrained":
+        return None
+    return _best_on_dev(shaped, students, metric)
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment: the i-th smallest p times (m − i), made monotone, capped at 1."""
+    order = np.argsort(p_values)
+    adjusted, running = [0.0] * len(p_values), 0.0
+    for rank, index in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[index]))
+        adjusted[index] = running
+    return adjusted
+
+
+def seed_tests(summaries: Sequence[dict]) -> list[SeedTest]:
+    """Every student against its headline baseline, paired by seed (students of one seed share its data order and
+    test sentences), Holm-adjusted over the students compared; needs at least two seeds."""
+    if len(summaries) < 2:
+        return []
+    metric = summaries[0]["metric"]
+    pairs = []
+    for row in student_rows(summaries):
+        if row.baseline is None:
+            continue
+        test = np.array([x["students"][row.name]["test"][metric] for x in summaries])
+        base = np.array([x["students"][row.baseline]["test"][metric] for x in summaries])
+        # Identical per-seed results have no spread to test: nothing tells the two apart.
+        p_value = 1.0 if np.allclose(test, base) else float(ttest_rel(test, base).pvalue)
+        pairs.append((row, Spread.of(test - base), 1.0 if math.isnan(p_value) else p_value))
+    adjusted = holm([p for *_, p in pairs])
+    return [SeedTest(row.name, row.baseline, gain, p, p_holm)
+            for (row, gain, p), p_holm in zip(pairs, adjusted, strict=True)]
 
 
 def _check_summaries(summaries: Sequence[dict]) -> None:
@@ -154,16 +227,20 @@ def student_rows(summaries: Sequence[dict]) -> list[StudentRow]:
                 for name, s in first.items()}
     teacher_test = np.array([x["teacher"]["test"][metric] for x in summaries])
     rows = []
+    def gain_over(test: np.ndarray, other: str | None) -> Spread | None:
+        if other is None:
+            return None
+        return Spread.of(test - np.array([x["students"][other]["test"][metric] for x in summaries]))
+
     for name, s in sorted(first.items(), key=_row_order):
         test = np.array([x["students"][name]["test"][metric] for x in summaries])
         baseline = find_baseline(name, mean_dev, metric)
-        gain, within_noise = None, False
-        if baseline is not None:
+        teacher_layers = find_teacher_layers_baseline(name, mean_dev, metric)
+        gain, within_noise = gain_over(test, baseline), False
+        if baseline is not None and len(summaries) > 1:
             base_test = np.array([x["students"][baseline]["test"][metric] for x in summaries])
-            gain = Spread.of(test - base_test)
-            if len(summaries) > 1:
-                noise = math.hypot(Spread.of(test).std, Spread.of(base_test).std)
-                within_noise = abs(gain.mean) < noise
+            noise = math.hypot(Spread.of(test).std, Spread.of(base_test).std)
+            within_noise = abs(gain.mean) < noise
         rows.append(StudentRow(
             name=name, method=s["method"], layers=s["layers"], hidden_size=s["hidden_size"], params=s["params"],
             compression=float(np.mean([x["students"][name]["compression"] for x in summaries])),
@@ -171,7 +248,8 @@ def student_rows(summaries: Sequence[dict]) -> list[StudentRow]:
             retention=Spread.of(test / teacher_test),
             latency_ms=float(np.mean([x["students"][name]["latency_ms"] for x in summaries])),
             speedup=float(np.mean([x["students"][name]["speedup"] for x in summaries])),
-            baseline=baseline, gain=gain, within_noise=within_noise,
+            baseline=baseline, gain=gain, within_noise=within_noise, init_from=init_from(s),
+            teacher_layers_baseline=teacher_layers, teacher_layers_gain=gain_over(test, teacher_layers),
         ))
     return rows
 
@@ -213,19 +291,23 @@ def _points(spread: Spread, signed: bool = False) -> str:
 
 
 def _gain_cell(row: StudentRow) -> str:
-    if row.method == BASELINE:
-        return "baseline"
     if row.gain is None:
-        return "-"
+        return "baseline" if row.method == BASELINE else "-"
     return _points(row.gain, signed=True) + (" (within noise)" if row.within_noise else "")
 
 
 def _table(rows: list[StudentRow], metric: str) -> tuple[list[str], list[list[str]]]:
-    headers = ["student", "method", "layers", "hidden", "params", "compression", f"dev {metric}",
+    headers = ["student", "method", "layers from", "layers", "hidden", "params", "compression", f"dev {metric}",
                f"test {metric}", "retention (test)", "latency ms", "speedup", f"gain over {BASELINE} (test)"]
-    cells = [[row.name, row.method, str(row.layers), "full" if row.hidden_size is None else str(row.hidden_size),
+    with_second = any(row.teacher_layers_baseline for row in rows)
+    if with_second:
+        headers.append(f"gain over {BASELINE} from teacher layers (test)")
+    cells = [[row.name, row.method, row.init_from, str(row.layers),
+              "full" if row.hidden_size is None else str(row.hidden_size),
               f"{row.params / 1e6:.1f}M", f"{row.compression:.1f}×", _points(row.dev), _points(row.test),
-              _points(row.retention) + "%", f"{row.latency_ms:.1f}", f"{row.speedup:.1f}×", _gain_cell(row)]
+              _points(row.retention) + "%", f"{row.latency_ms:.1f}", f"{row.speedup:.1f}×", _gain_cell(row),
+              *([_points(row.teacher_layers_gain, signed=True) if row.teacher_layers_gain else "-"]
+                if with_second else [])]
              for row in rows]
     return headers, cells
 
@@ -240,7 +322,7 @@ def report_table(summaries: Sequence[dict]) -> Table:
     for column in headers:
         table.add_column(column, justify="left" if column in ("student", "method") else "right")
     for row in cells:
-        table.add_row(*row, style="yellow" if row[-1].endswith("(within noise)") else None)
+        table.add_row(*row, style="yellow" if "(within noise)" in row[12] else None)
     return table
 
 
@@ -305,6 +387,19 @@ def _paired_section(tests: list[PairedTest], seeds: int, metric: str) -> list[st
                   for name, count in significant.items()]
         lines.append("")
     return lines
+
+
+def _seed_test_section(tests: list[SeedTest]) -> list[str]:
+    if not tests:
+        return []
+    rows = [[t.student, t.baseline, _points(t.gain, signed=True), f"{t.p_value:.3g}", f"{t.p_holm:.3g}",
+             "differs" if t.p_holm < SIGNIFICANCE else "within noise"] for t in tests]
+    return ["## Across seeds", "",
+            "A paired t-test of each student's per-seed test metric against its baseline's (the students of one seed "
+            "share its seed and test sentences), with Holm's correction for the number of students compared. With "
+            "three seeds the test has two degrees of freedom: only a gain large against its spread reaches "
+            f"p < {SIGNIFICANCE}.", "",
+            *_markdown_table(["student", "baseline", "gain (test)", "p", "p (Holm)", "verdict"], rows), ""]
 
 
 def _pareto_points(summaries: Sequence[dict], rows: list[StudentRow]) -> tuple[list[dict], str]:
@@ -508,6 +603,7 @@ def write_report(workdir: Path, summaries: Sequence[dict], predictions: Mapping[
              "## Students", "", *_markdown_table(headers, cells), "",
              "### Noise", "", *_noise_notes(summaries, len(test_labels)), "",
              *_paired_section(tests, seeds, metric),
+             *_seed_test_section(seed_tests(summaries)),
              *_ensemble_section(summaries, rows),
              *_parameters_section(summaries, rows),
              f"## {metric.capitalize()} against speedup", "",

@@ -11,12 +11,13 @@ from mlflow.tracking import MlflowClient
 from rich.console import Console
 from rich.table import Table
 
+from pipeline import tune_trials as tune_stage
 from pipeline.artifacts import content_key
 from pipeline.config import ConfigError, Experiment
 from pipeline.pareto import pareto_front, plot_pareto
 from pipeline.runner import PipelineRunner
 from pipeline.search_space import load_space
-from stages import register, tune as tune_stage
+from stages import register
 from stages.layout import STUDENT_DIR
 
 SEARCH_FILE = "trials.json"

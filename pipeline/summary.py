@@ -85,6 +85,10 @@ def build_summary(exp, evaluations: dict, distills: dict, prepared: dict, train_
         students[spec.name] = {
             "method": spec.method,
             "layers": spec.student.layers,
+            # Where its weights started: the teacher's or the pre-trained checkpoint's layers, which ones.
+            "init": {"from": spec.student.init_from,
+                     "layers": get_method(spec.method)(spec.params).resolve_shape(spec.student).init},
+            "selected_epoch": distills[spec.name].result().get("selected_epoch"),
             "hidden_size": spec.student.hidden_size or width,
             "soft_labels": spec.soft_labels,
             "dev": result["dev"],

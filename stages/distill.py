@@ -19,7 +19,7 @@ from kd.methods import get_method
 from stages.config import RunPlace, StudentSpec, TaskConfig, TeacherConfig
 from stages.errors import StageError
 from stages.label import ensemble_temperature
-from stages.layout import HISTORY_FILE, MLM_DIR, STUDENT_DIR, TOKENIZER_DIR
+from stages.layout import HISTORY_FILE, MLM_DIR, PRETRAINED_DIR, STUDENT_DIR, TOKENIZER_DIR
 from stages.student_training import RayTrainIO, kept_student, selected_epoch, train_job, train_student
 
 
@@ -125,6 +125,14 @@ def student_job(cfg, spec, inputs) -> tuple[dict[str, Any], Path]:
     wrapping it; its own tokenizer comes along); a ``vocabulary`` input holds the student's own tokenizer."""
     check_prepared_for(spec, inputs)
     teacher_dir = str(inputs["source" if "source" in inputs else "teacher"].path / STUDENT_DIR)
+    layer_source = None
+    if spec.student.init_from == "pretrained":
+        pretrained = inputs["teacher"].path / PRETRAINED_DIR
+        if not pretrained.exists():
+            raise StageError(f"{spec.name}: student.init_from: pretrained copies the checkpoint the teacher was "
+                             f"fine-tuned from, and this teacher ({cfg.teacher.source}) was not fine-tuned by the "
+                             "pipeline; use init_from: teacher, or teacher.finetune: always")
+        layer_source = str(pretrained)
     train_source, train_rows = train_corpus(inputs)
     job = train_job(
         method=spec.method, params=student_params(spec, inputs), shape=spec.student.model_dump(), settings=spec.train,
@@ -132,6 +140,7 @@ def student_job(cfg, spec, inputs) -> tuple[dict[str, Any], Path]:
         num_labels=cfg.task.num_labels, regression=cfg.task.task_type == "regression", train_rows=train_rows,
         train_path=str(train_source), torch_threads=cfg.ray.threads_per_worker,
         vocabulary=str(inputs["vocabulary"].path / TOKENIZER_DIR) if "vocabulary" in inputs else None,
+        layer_source=layer_source,
     )
     return job, train_source
 

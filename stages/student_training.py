@@ -135,11 +135,13 @@ def as_path(manager) -> Iterator[Path]:
 
 def train_job(*, method: str, params: dict, shape: dict | None, settings: TrainSettings, teacher: str | None,
               init_model: str | None, tokenizer: str, max_length: int, num_labels: int, regression: bool,
-              train_rows: int, train_path: str, torch_threads: int, vocabulary: str | None = None) -> dict[str, Any]:
+              train_rows: int, train_path: str, torch_threads: int, vocabulary: str | None = None,
+              layer_source: str | None = None) -> dict[str, Any]:
     """Everything a worker needs, as plain data so it crosses to Ray workers cheaply. ``tokenizer`` is the
     teacher's; ``vocabulary`` a folder holding the student's own tokenizer, built once by the pipeline
-    (``Method.vocabulary_key``)."""
-    return {
+    (``Method.vocabulary_key``); ``layer_source`` the checkpoint a student's layers are copied from when it is
+    not the teacher (``student.init_from: pretrained``)."""
+    return {"layer_source": layer_source,
         "method": method, "params": params, "shape": shape, "settings": settings.model_dump(), "teacher": teacher,
         "init_model": init_model, "tokenizer": tokenizer, "vocabulary": vocabulary, "max_length": max_length,
         "num_labels": num_labels,
@@ -183,7 +185,8 @@ def build_distiller(job: dict[str, Any], io: TrainIO) -> tuple[Distiller, Collat
     if job["shape"] is None:
         student = load_classifier(job["init_model"], job["num_labels"])
     else:
-        student = method.build_student(teacher, StudentShape.model_validate(job["shape"]))
+        layers = teacher if job["layer_source"] is None else load_classifier(job["layer_source"], job["num_labels"])
+        student = method.build_student(layers, StudentShape.model_validate(job["shape"]))
     if "attentions" in method.student_outputs:
         student.set_attn_implementation(SCORES_ATTENTION)
     if not method.needs_teacher_online:

@@ -14,7 +14,7 @@ from kd.batching import TEXT_A, TEXT_B
 from kd.checkpoints import load_with_new_head
 from kd.methods.finetune import FineTune
 from stages.distill import fit
-from stages.layout import STUDENT_DIR
+from stages.layout import PRETRAINED_DIR, STUDENT_DIR
 from stages.student_training import train_job
 from stages.config import RunPlace, TaskConfig, TeacherConfig
 from stages.errors import StageError
@@ -60,7 +60,8 @@ def run(cfg: Config, inputs, ctx, out: Path) -> dict:
         raise StageError(f"teacher {cfg.teacher.source!r} has no {num_labels}-way classifier and teacher.finetune is 'never'")
     must_train = cfg.teacher.finetune == "always" or not headed
     # Workers (maybe on other nodes) load from a folder under the shared workdir, so a hub model is fetched once.
-    initial = out / (STUDENT_DIR if not must_train else "initial")
+    # The pre-trained checkpoint stays in the artifact: students with init_from: pretrained start from it.
+    initial = out / (STUDENT_DIR if not must_train else PRETRAINED_DIR)
     model.save_pretrained(initial)
     load_tokenizer(source).save_pretrained(initial)
     if not must_train:
@@ -75,5 +76,4 @@ def run(cfg: Config, inputs, ctx, out: Path) -> dict:
         train_path=str(data_dir / "train.parquet"), torch_threads=cfg.ray.threads_per_worker,
     )
     outcome = fit(cfg, job, data_dir / "train.parquet", data_dir / "dev.parquet", f"{cfg.name}-teacher-{ctx.key}", out)
-    shutil.rmtree(initial)
     return {"source": cfg.teacher.source, "fine_tuned": True, "truncated": truncated, **outcome}

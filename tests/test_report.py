@@ -135,8 +135,9 @@ def test_write_report_files_and_markdown(tmp_path):
     text = paths.markdown.read_text()
     assert text.startswith("# Distillation report: synthetic")
     assert "**Teacher** (`package:teacher`, fine-tuned): dev accuracy 91.0 ± 0.0, test accuracy 91.0 ± 1.0" in text
-    assert "| finetune_3L | finetune | 3 | full | 10.0M | 2.0× | 80.0 ± 0.0 | 82.0 ± 1.0 |" in text
-    assert "| kd_3L | kd | 3 | full |" in text and "| +1.0 ± 2.0 (within noise) |" in text
+    assert "| finetune_3L | finetune | teacher | 3 | full | 10.0M | 2.0× | 80.0 ± 0.0 | 82.0 ± 1.0 |" in text
+    assert "| kd_3L | kd | teacher | 3 | full |" in text and "| +1.0 ± 2.0 (within noise) |" in text
+    assert "## Across seeds" in text and "| kd_3L | finetune_3L | +1.0 ± 2.0 |" in text
     assert "| +9.0 ± 0.0 |" in text
     assert "| kd_3L | finetune_3L | 3 |" in text  # McNemar, third seed run
     assert "good to about ±" in text
@@ -150,8 +151,8 @@ def test_write_report_single_seed_and_missing_cost(tmp_path):
     single = one_seed()
     predictions = {name: [logits_for(np.ones(N_TEST, dtype=bool), labels)] for name in single["students"]}
     text = write_report(tmp_path, [single], predictions, labels, costs(single["students"])).markdown.read_text()
-    assert "| kd_4L | kd | 4 | full | 10.0M | 2.0× | 87.0 | 87.0 | 96.7% | 40.0 | 1.5× | - |" in text
-    assert "| finetune_3L | finetune | 3 | full |" in text and "| baseline |" in text
+    assert "| kd_4L | kd | teacher | 4 | full | 10.0M | 2.0× | 87.0 | 87.0 | 96.7% | 40.0 | 1.5× | - |" in text
+    assert "| finetune_3L | finetune | teacher | 3 | full |" in text and "| baseline |" in text
     assert "within noise" not in text.split("### Noise")[0]
     with pytest.raises(ValueError, match="no training cost for kd_4L"):
         write_report(tmp_path, [single], predictions, labels,
@@ -179,8 +180,48 @@ def test_training_cost_counts_teacher_passes():
 
 def test_report_table_for_the_terminal():
     table = report_table(three_seeds())
-    assert table.row_count == 3 and len(table.columns) == 12
+    assert table.row_count == 3 and len(table.columns) == 13
     console = Console(width=250, record=True, file=io.StringIO())
     console.print(table)
     text = console.export_text()
     assert "within noise" in text and "mean ± std over 3 seeds" in text
+
+
+def test_holm_adjusts_step_down_and_stays_monotone():
+    from pipeline.report import holm
+
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm([0.5, 0.001]) == pytest.approx([0.5, 0.002])
+    assert holm([0.9, 0.8]) == pytest.approx([1.0, 1.0])
+
+
+def test_headline_baseline_is_finetune_from_the_pretrained_checkpoint_and_teacher_layers_a_second_row():
+    from pipeline.report import find_teacher_layers_baseline
+
+    def student(method, init, dev):
+        return {"method": method, "layers": 3, "hidden_size": None, "init": {"from": init}, "dev": {"accuracy": dev}}
+
+    students = {"finetune_3L": student("finetune", "pretrained", 0.80), "finetune_3L_teacher": student("finetune", "teacher", 0.85),
+                "kd_3L": student("kd", "teacher", 0.84)}
+    # The teacher-layer finetune is better on dev, but it is not what a user would do without a teacher.
+    assert find_baseline("kd_3L", students, "accuracy") == "finetune_3L"
+    assert find_teacher_layers_baseline("kd_3L", students, "accuracy") == "finetune_3L_teacher"
+    assert find_baseline("finetune_3L_teacher", students, "accuracy") == "finetune_3L"
+    assert find_baseline("finetune_3L", students, "accuracy") is None
+
+
+def test_seed_tests_pair_seeds_and_correct_for_the_students_compared():
+    from scipy.stats import ttest_rel
+
+    from pipeline.report import holm, seed_tests
+
+    summaries = three_seeds()
+    tests = {t.student: t for t in seed_tests(summaries)}
+    assert set(tests) == {row.name for row in student_rows(summaries) if row.baseline}
+    kd = tests["kd_3L"]
+    student = [x["students"]["kd_3L"]["test"]["accuracy"] for x in summaries]
+    base = [x["students"][kd.baseline]["test"]["accuracy"] for x in summaries]
+    raw = {name: t.p_value for name, t in tests.items()}
+    assert kd.p_value == pytest.approx(ttest_rel(student, base).pvalue)
+    assert [t.p_holm for t in tests.values()] == pytest.approx(holm(list(raw.values())))
+    assert seed_tests(summaries[:1]) == []

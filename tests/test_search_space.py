@@ -7,7 +7,7 @@ from conftest import SMOKE_CONFIG
 from pipeline.config import ConfigError, load_experiment
 from pipeline.search_space import SPACES_DIR, apply_sample, load_space
 from stages.errors import StageError
-from stages.tune import check_nested_fits
+from pipeline.tune_trials import check_nested_fits
 
 BASE = {"name": "s", "method": "kd", "student": {"layers": 2}, "params": {"temperature": 4.0}}
 
