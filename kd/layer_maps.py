@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from kd.losses import LOSSES
 
 Feature = Literal["hidden", "attention", "embedding", "cls"]
 STRATEGIES = ("uniform", "top", "bottom", "skip", "last", "every_other")
@@ -28,6 +30,14 @@ class LayerMatch(BaseModel):
     projection: bool | None = Field(
         default=None, description="Learn a linear map from student to teacher width; None means 'when widths differ'."
     )
+
+    @field_validator("loss")
+    @classmethod
+    def _registered_loss(cls, loss: str) -> str:
+        # Refused where the mapping is written, not at the first training step that looks the loss up.
+        if loss not in LOSSES:
+            raise ValueError(f"unknown loss {loss!r}; known: {', '.join(sorted(LOSSES))}")
+        return loss
 
 
 def teacher_layers(strategy: Strategy, n_teacher: int, n_student: int) -> list[int]:

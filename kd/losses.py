@@ -1,4 +1,8 @@
-"""Distillation losses, named in a registry so configs and layer maps can refer to them by string."""
+"""Distillation losses, named in a registry so configs and layer maps can refer to them by string.
+
+Feature losses (those a layer map names: mse, cos, normalized_mse, MobileBERT's attention_kl) all take
+``(student, teacher, mask=None)``, so a method applies whichever a match names in the same way.
+"""
 
 from __future__ import annotations
 
@@ -107,14 +111,15 @@ def cosine_embedding(student: torch.Tensor, teacher: torch.Tensor, mask: torch.T
 
 
 @register_loss("normalized_mse")
-def normalized_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """BERT-PKD's patient loss: squared difference of the L2-normalised vectors, averaged over features and batch.
+def normalized_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """BERT-PKD's patient loss: squared difference of the L2-normalised vectors, averaged over features and batch;
+    with a mask over the vectors (a token mask), the masked ones are left out of the mean.
 
     The mean over features (not a sum) is the scale of the reference implementation (Sun et al.'s code applies
     ``F.mse_loss`` to the normalised vectors), for which its β = 100 was tuned; a sum would weigh the term d times
     more (384× for a MiniLM teacher).
     """
-    return F.mse_loss(F.normalize(student, dim=-1), F.normalize(teacher, dim=-1))
+    return mean_squared_error(F.normalize(student, dim=-1), F.normalize(teacher, dim=-1), mask)
 
 
 @register_loss("logit_mse")

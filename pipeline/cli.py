@@ -54,7 +54,8 @@ def run(config: Path = ConfigArg, set_: Optional[list[str]] = SetOption, workdir
                                   "the report gives mean ± std and flags differences within the spread."),
         dry_run: bool = typer.Option(False, "--dry-run", help="List every stage as cached or to run, with the "
                                      "reason (never ran, config, input or code changed); run nothing."),
-        verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at INFO level.")) -> None:
+        verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at INFO level and show what Ray's workers "
+                                     "print (without it, that goes to WORKDIR/logs/ray).")) -> None:
     """Run every stage of an experiment: data, teacher, soft labels, distillation, evaluation."""
     from pipeline.runner import PipelineRunner
     from stages.errors import StageError
@@ -66,7 +67,7 @@ def run(config: Path = ConfigArg, set_: Optional[list[str]] = SetOption, workdir
         return
     _preflight(exp)
     try:
-        PipelineRunner(exp, console, seeds=seeds).run()
+        PipelineRunner(exp, console, seeds=seeds, verbose=verbose).run()
     except StageError as error:
         _fail(error)
 
@@ -120,6 +121,29 @@ def promote(name: str = typer.Argument(..., help="Registered model name."),
     except MlflowException as error:
         _fail(error.message)
     console.print(f"{name}@{alias} → version {version}")
+
+
+@app.command()
+def register(workdir: Path = typer.Argument(..., help="A finished run's workdir (holds summary.json)."),
+             student: str = typer.Argument(..., help="Student to register, or 'best': the best on the dev metric."),
+             max_latency_ms: Optional[float] = typer.Option(
+                 None, "--max-latency-ms", help="Only a student this fast (summary.json's latency_ms) qualifies."),
+             name: Optional[str] = typer.Option(
+                 None, "--name", help="Registered model name (default: tune.registry_name or <experiment>-<method>).")) -> None:
+    """Register a student of a finished run in the run's MLflow model registry as 'candidate'."""
+    from mlflow.exceptions import MlflowException
+
+    from stages.errors import StageError
+    from pipeline.registry import register_run_student
+    from stages.register import CANDIDATE
+
+    try:
+        registered, version, chosen = register_run_student(workdir.resolve(), student, max_latency_ms, name)
+    except StageError as error:
+        _fail(error)
+    except MlflowException as error:
+        _fail(error.message)
+    console.print(f"{chosen} → registered {registered} version {version} as '{CANDIDATE}'")
 
 
 @app.command()

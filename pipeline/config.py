@@ -13,8 +13,6 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from kd.methods import METHODS
-from kd.methods.fastbert import check_wrapped_shape
 from stages.config import (  # noqa: F401  (the sections are part of this module's public API)
     PACKAGED_TEACHER, RT_SNIPPETS, AugmentConfig, EnsembleConfig, EvaluateConfig, LabelConfig, RayConfig, SplitNames,
     StudentBase, StudentSpec, Strict, TaskConfig, TeacherConfig,
@@ -23,12 +21,6 @@ from stages.config import (  # noqa: F401  (the sections are part of this module
 
 class ConfigError(Exception):
     """A config problem, already phrased for the user: one line per bad field."""
-
-
-def reads_mlm_teacher_head(spec) -> bool:
-    """A DistilBERT student with its masked-LM term on and no ``mlm_head`` of its own takes the head of the
-    pipeline's masked-LM teacher (stage mlm_teacher): the packaged MiniLM has none to offer."""
-    return spec.method == "distilbert" and spec.params.alpha_mlm > 0 and spec.params.mlm_head is None
 
 
 class MlflowConfig(Strict):
@@ -86,16 +78,14 @@ class Experiment(Strict):
 
     @model_validator(mode="after")
     def _transfer_inputs_exist(self) -> "Experiment":
-        """The teacher signals and corpora the students ask for can be made from this experiment."""
+        """The teacher signals and corpora the students ask for can be made from this experiment, and each
+        method's own checks of its entry (``Method.problems``) pass."""
         problems = []
         for index, spec in enumerate(self.students):
-            where, method = f"students[{index}] ({spec.name})", METHODS[spec.method]
+            where, method = f"students[{index}] ({spec.name})", spec.method_object()
             if "mlm_topk" in method.cached_signals and self.teacher.mlm is None:
                 problems.append(f"{where}: {spec.method} reads the teacher's masked-LM distribution; set teacher.mlm")
-            if reads_mlm_teacher_head(spec) and self.teacher.mlm is None:
-                problems.append(f"{where}: distilbert: params.alpha_mlm > 0 turns on the masked-LM term, which reads "
-                                "the masked-LM teacher's head; set teacher.mlm, or params.mlm_head, or "
-                                "params.alpha_mlm: 0")
+            problems += method.problems(where, spec, self)
             if spec.data == "augmented" and not (method.cached_signals or method.online_signals):
                 problems.append(f"{where}: {spec.method} learns from gold labels only, which augmented rows do not "
                                 "have; use data: task")
@@ -111,11 +101,10 @@ class Experiment(Strict):
         return self
 
     def _seed_method_problems(self) -> list[str]:
-        """Ensembles and FastBERT's wrapped students: what each student asks for exists and fits."""
+        """Ensembles and task types: what each student asks for exists and fits."""
         problems = []
-        names = {spec.name: spec for spec in self.students}
         for index, spec in enumerate(self.students):
-            where, method = f"students[{index}] ({spec.name})", METHODS[spec.method]
+            where, method = f"students[{index}] ({spec.name})", spec.method_object()
             if spec.soft_labels == "ensemble":
                 if self.ensemble is None:
                     problems.append(f"{where}.soft_labels: ensemble needs an `ensemble` block with its teachers")
@@ -127,21 +116,6 @@ class Experiment(Strict):
                                     "regression task")
             if method.classification_only and self.task.task_type == "regression":
                 problems.append(f"{where}: {spec.method} needs a classification task")
-            wrapped = method(spec.params).starts_from()
-            if wrapped is None:
-                continue
-            source = names.get(wrapped)
-            if source is None or source is spec:
-                problems.append(f"{where}.params.wrap: {wrapped!r} is neither 'teacher' nor another student "
-                                f"(students: {', '.join(n for n in names if n != spec.name) or 'none'})")
-            elif not METHODS[source.method].bert_student:
-                problems.append(f"{where}.params.wrap: {wrapped!r} is a {source.method} student, not a fine-tuned BERT "
-                                "classifier that branches can be added to")
-            else:
-                try:
-                    check_wrapped_shape(spec.student, source.student.layers, source.student.hidden_size, wrapped)
-                except ValueError as error:
-                    problems.append(f"{where}: {error}")
         return problems
 
     @property
@@ -206,11 +180,9 @@ def _list_index(items: list, key: str, path: str) -> int:
 
 def _field_path(loc: tuple) -> str:
     parts: list[str] = []
-    for i, item in enumerate(loc):
+    for item in loc:
         if isinstance(item, int):
             parts.append(f"[{item}]")
-        elif item in METHODS and (i == 0 or isinstance(loc[i - 1], int)):
-            continue  # the discriminated-union tag pydantic inserts; the user never wrote it
         else:
             parts.append(("." if parts else "") + str(item))
     return "".join(parts) or "(top level)"

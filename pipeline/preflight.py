@@ -7,7 +7,6 @@ from __future__ import annotations
 from transformers import AutoConfig, PretrainedConfig
 
 from kd.layer_maps import validate_matches
-from kd.methods import get_method
 from kd.students import copied_layers
 from pipeline.config import ConfigError, Experiment
 from stages.errors import StageError
@@ -33,12 +32,11 @@ def check_students_fit_teacher(exp: Experiment) -> None:
         if layers > depth:
             problems.append(f"{where}.student.layers: {layers} is deeper than the teacher's {depth} layers")
             continue
-        method = get_method(spec.method)(spec.params)
+        method = spec.method_object()
         try:
             copied_layers(method.resolve_shape(spec.student), depth)
             method.check_teacher(spec.student, config)
-            if hasattr(method, "layer_matches"):
-                validate_matches(method.layer_matches(depth, layers), depth, layers)
+            validate_matches(method.layer_matches(depth, layers), depth, layers)
         except ValueError as error:
             problems.append(f"{where}: {error}")
     if problems:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import grpc
 import ray
@@ -75,13 +76,15 @@ def check_ray(ray_cfg) -> str | None:
     return target
 
 
-def ensure_ray(ray_cfg) -> None:
+def ensure_ray(ray_cfg, log_to_driver: bool = True) -> None:
+    """Start or join Ray. ``log_to_driver=False`` keeps what workers print (execution plans, progress lines, Ray's
+    own notices) in Ray's log files instead of the terminal, where concurrent stages would interleave it."""
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     address = None if ray_cfg.address in (None, "local") else ray_cfg.address
     # Inside a submitted job this runtime_env is merged with the job's, whose working_dir the workers import.
-    kwargs = dict(address=address, logging_level=logging.WARNING, log_to_driver=True,
+    kwargs = dict(address=address, logging_level=logging.WARNING, log_to_driver=log_to_driver,
                   runtime_env={"env_vars": WORKER_ENV})
     local = check_ray(ray_cfg) is None
     if local:
@@ -92,3 +95,18 @@ def ensure_ray(ray_cfg) -> None:
     except Exception as error:  # a local start that times out raises a bare Exception
         where = "start a local Ray" if local else f"reach Ray at {ray_cfg.address!r}"
         raise StageError(f"cannot {where}: {type(error).__name__}: {error}") from None
+
+
+def link_worker_logs(workdir: Path) -> Path | None:
+    """``WORKDIR/logs/ray``: a link to this Ray session's log folder (every worker's output), or None on a Ray
+    client connection, whose logs stay on the cluster."""
+    try:
+        logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path())
+    except AttributeError:
+        return None
+    link = workdir / "logs" / "ray"
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(logs, target_is_directory=True)
+    return link

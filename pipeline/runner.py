@@ -12,24 +12,29 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import threading
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import ray
 from rich.console import Console
+from rich.live import Live
 from rich.table import Table
 
 from kd.methods import get_method
 from pipeline.artifacts import Artifact, ArtifactStore, content_key, write_result
 from pipeline.code_keys import code_digests
-from pipeline.config import ConfigError, Experiment, reads_mlm_teacher_head
-from pipeline.ray_session import check_ray, ensure_ray
+from pipeline.config import ConfigError, Experiment
+from pipeline.ray_session import check_ray, ensure_ray, link_worker_logs
 from pipeline.summary import SEED_SUMMARIES, SUMMARY_FILE, build_summary, summary_table, write_workdir_report
 from pipeline.tracking import Tracker, log_report, remember_run
 from stages import augment, data, distill, evaluate, label, mlm_teacher, mlm_topk, teacher, vocabulary
 from stages.config import StageConfig
+from stages.errors import StageError
 from stages.label import ensemble_temperature
 from stages.layout import STUDENT_DIR
 
@@ -72,6 +77,60 @@ def vocabulary_name(spec) -> str:
 def members(prepared: dict[str, Artifact]) -> dict[str, Artifact]:
     """The ensemble's teacher artifacts under their stage-input names (member_0, member_1, …)."""
     return {name: artifact for name, artifact in prepared.items() if name.startswith(label.MEMBER_PREFIX)}
+
+
+class StageFailures(StageError):
+    """Every stage that failed in a run, and every stage not run because an input of it failed."""
+
+    def __init__(self, failures: dict[str, str], skipped: set[str]):
+        self.failures = failures
+        failed = {name: reason for name, reason in failures.items() if name not in skipped}
+        after = f"; {len(skipped)} stage(s) that read it did not run" if skipped else ""
+        if len(failed) == 1:
+            (name, reason), = failed.items()
+            message = f"{reason} (stage {name!r}{after})"
+        else:
+            message = (f"{len(failed)} stages failed{after}; a rerun runs only what did not finish:\n"
+                       + "\n".join(f"  {name}: {reason}" for name, reason in failed.items()))
+        super().__init__(message)
+
+
+class StageBoard:
+    """The live table of stages running now, with their elapsed time; finished ones are printed above it."""
+
+    def __init__(self, console: Console):
+        self.console = console
+        self.started: dict[str, float] = {}
+        self.states: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def start(self, name: str) -> None:
+        with self._lock:
+            self.started[name] = time.perf_counter()
+            self.states[name] = "running"
+
+    def finish(self, name: str, state: str) -> None:
+        with self._lock:
+            self.states[name] = state
+            self.started.pop(name, None)
+
+    def __rich__(self) -> Table:
+        with self._lock:
+            running = dict(self.started)
+            counts = {state: sum(1 for s in self.states.values() if s == state) for state in ("done", "cached", "failed")}
+        table = Table(title=", ".join(f"{n} {state}" for state, n in counts.items() if n) or None, box=None)
+        table.add_column("running")
+        table.add_column("elapsed", justify="right")
+        now = time.perf_counter()
+        for name, started in running.items():
+            table.add_row(name, f"{now - started:.0f}s")
+        return table
+
+    @contextmanager
+    def live(self):
+        # One live display for the whole run: rich allows one at a time, and stages now run side by side.
+        with Live(self, console=self.console, refresh_per_second=2, transient=True):
+            yield
 
 
 @dataclass
@@ -143,9 +202,10 @@ def why_rerun(planned: Planned, previous: dict | None) -> str:
 
 
 class PipelineRunner:
-    def __init__(self, exp: Experiment, console: Console | None = None, seeds: int = 1):
+    def __init__(self, exp: Experiment, console: Console | None = None, seeds: int = 1, verbose: bool = True):
         self.exp = exp
         self.seeds = seeds
+        self.verbose = verbose
         self.console = console or Console()
         self.store = ArtifactStore(exp.workdir / "artifacts")
         self.tracker: Tracker | None = None
@@ -155,6 +215,8 @@ class PipelineRunner:
         self.done: dict[str, Artifact] = {}
         self._planned: dict[str, Planned] = {}
         self._ray_started = False
+        self._lock = threading.RLock()
+        self.board = StageBoard(self.console)
 
     # --- planning -------------------------------------------------------------------------------------------
 
@@ -188,7 +250,7 @@ class PipelineRunner:
         if any(spec.soft_labels == "ensemble" for spec in students):
             self.plan_ensemble(refs)
         for spec in students:
-            vocabulary_key = get_method(spec.method)(spec.params).vocabulary_key()
+            vocabulary_key = spec.method_object().vocabulary_key()
             if vocabulary_key is not None:
                 refs[vocabulary_name(spec)] = self.add(StageNode(
                     f"vocabulary ({spec.method}, {spec.name})", "vocabulary", vocabulary.run,
@@ -201,7 +263,7 @@ class PipelineRunner:
         smoothed = sorted({(spec.data, ensemble_temperature(spec)) for spec in students
                            if "mlm_topk" in get_method(spec.method).cached_signals}, key=repr)
         tinybert_rule = any(data_name == "augmented" for data_name, _ in labelled) and exp.augment.rule == "tinybert"
-        if smoothed or tinybert_rule or any(reads_mlm_teacher_head(spec) for spec in students):
+        if smoothed or tinybert_rule or any(spec.method_object().reads_mlm_teacher() for spec in students):
             refs["mlm_teacher"] = self.add(StageNode(
                 "masked-LM teacher", "mlm_teacher", mlm_teacher.run, mlm_teacher.Config.of(exp),
                 {"data": refs["data"], "teacher": refs["teacher"]}, params=exp.teacher.mlm.model_dump()))
@@ -262,11 +324,11 @@ class PipelineRunner:
         corpus = student_corpus(spec)
         if corpus is not None:
             inputs["label"] = refs[corpus]
-        if reads_mlm_teacher_head(spec):
+        if spec.method_object().reads_mlm_teacher():
             inputs["mlm_teacher"] = refs["mlm_teacher"]
         if vocabulary_name(spec) in refs:
             inputs["vocabulary"] = refs[vocabulary_name(spec)]
-        source = get_method(spec.method)(spec.params).starts_from()
+        source = spec.method_object().starts_from()
         if source is not None:
             if source not in (distills or {}):
                 raise ConfigError(f"{spec.name} starts from student {source!r}, which is not distilled here; "
@@ -285,7 +347,7 @@ class PipelineRunner:
         planned, distills = {}, {}
         suffix = f" seed+{seed_offset}" if seed_offset else ""
         # Students built from another student's model come after the others.
-        ordered = sorted(exp.students, key=lambda spec: get_method(spec.method)(spec.params).starts_from() is not None)
+        ordered = sorted(exp.students, key=lambda spec: spec.method_object().starts_from() is not None)
         for spec in ordered:
             if seed_offset:
                 spec = spec.model_copy(update={"train": spec.train.model_copy(update={"seed": spec.train.seed + seed_offset})})
@@ -336,29 +398,31 @@ class PipelineRunner:
         return rows
 
     def execute(self, name: str) -> Artifact:
+        """Run one node whose inputs are done (or take it from the cache), and log it to MLflow."""
         node, planned = self.nodes[name], self.planned(name)
         inputs = {input_name: self.done[ref] for input_name, ref in node.inputs.items()}
         artifact = self.store.lookup(node.stage, planned.key)
         cached = artifact is not None
         if cached:
-            self.counts["cached"] += 1
+            self.board.finish(name, "cached")
             self.console.print(f"[dim]✓ {name}: cached ({node.stage}/{planned.key})[/dim]")
         else:
-            if node.stage != "data" and not self._ray_started:
-                ensure_ray(self.exp.ray)  # the data is checked before Ray's seconds of start-up are spent
-                self._ray_started = True
+            if node.stage != "data":
+                self.start_ray()  # the data is checked before Ray's seconds of start-up are spent
+            self.board.start(name)
             started = time.perf_counter()
-            with self.console.status(f"[bold]{name}[/bold] …"):
-                with self.store.writing(node.stage, planned.key) as scratch:
-                    result = node.run(node.config, inputs, StageContext(planned.key, self.console, self.evaluator),
-                                      scratch)
-                    result["seconds"] = round(time.perf_counter() - started, 2)
-                    write_result(scratch, result)
-                    (scratch / MANIFEST_FILE).write_text(json.dumps(planned.manifest(), indent=2))
+            with self.store.writing(node.stage, planned.key) as scratch:
+                result = node.run(node.config, inputs, StageContext(planned.key, self.console, self.evaluator),
+                                  scratch)
+                result["seconds"] = round(time.perf_counter() - started, 2)
+                write_result(scratch, result)
+                (scratch / MANIFEST_FILE).write_text(json.dumps(planned.manifest(), indent=2))
             artifact = self.store.lookup(node.stage, planned.key)
-            self.counts["ran"] += 1
+            self.board.finish(name, "done")
             self.console.print(f"[green]✓[/green] {name}: done in {artifact.result()['seconds']:.1f}s "
                                f"({node.stage}/{planned.key})")
+        with self._lock:
+            self.counts["cached" if cached else "ran"] += 1
         result = artifact.result()
         self.tracker.log_stage(
             name, params=node.params or {}, result=result,
@@ -368,18 +432,70 @@ class PipelineRunner:
         self.done[name] = artifact
         return artifact
 
+    def concurrency(self) -> int:
+        """How many stages may run at once: ``ray.max_concurrent_stages``, else as many training stages as the
+        cluster's CPUs (and GPUs) hold, one CPU left for the Ray Data reads that feed them. Before Ray is up only
+        the data stage can run, so one."""
+        settings = self.exp.ray
+        if settings.max_concurrent_stages is not None:
+            return settings.max_concurrent_stages
+        if not ray.is_initialized():
+            return 1
+        resources = ray.cluster_resources()
+        limit = int((resources.get("CPU", 1) - 1) // (settings.num_workers * settings.cpus_per_worker))
+        if settings.use_gpu:
+            limit = min(limit, int(resources.get("GPU", 0) // settings.num_workers))
+        return max(1, limit)
+
     def execute_all(self) -> None:
-        for name in self.nodes:
-            if name not in self.done:
-                self.execute(name)
+        """Run every planned node as soon as its inputs are done, up to ``concurrency()`` at once. A failed node
+        fails the nodes that read it and no others; once nothing more can run, every failure is raised together."""
+        pending = [name for name in self.nodes if name not in self.done]
+        failed: dict[str, str] = {}
+        skipped: set[str] = set()
+        running: dict[Future, str] = {}
+        with ThreadPoolExecutor(thread_name_prefix="stage") as pool, self.board.live():
+            while pending or running:
+                for name in list(pending):
+                    inputs = self.nodes[name].inputs.values()
+                    broken = [ref for ref in inputs if ref in failed]
+                    if broken:
+                        pending.remove(name)
+                        failed[name] = f"not run: its input {broken[0]!r} failed"
+                        skipped.add(name)
+                        self.board.finish(name, "skipped")
+                    elif len(running) < self.concurrency() and all(ref in self.done for ref in inputs):
+                        pending.remove(name)
+                        running[pool.submit(self.execute, name)] = name
+                if not running:
+                    break
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    name = running.pop(future)
+                    if future.exception() is not None:
+                        error = future.exception()
+                        failed[name] = str(error) if isinstance(error, StageError) else f"{type(error).__name__}: {error}"
+                        self.board.finish(name, "failed")
+                        log.debug("stage %s failed", name, exc_info=error)
+        if failed:
+            raise StageFailures(failed, skipped)
+
+    def start_ray(self) -> None:
+        with self._lock:
+            if not self._ray_started:
+                ensure_ray(self.exp.ray, log_to_driver=self.verbose)
+                self._ray_started = True
+                if not self.verbose:
+                    logs = link_worker_logs(self.exp.workdir)
+                    if logs is not None:
+                        self.console.print(f"[dim]worker output: {logs} (run with -v to see it here)[/dim]")
 
     def evaluator(self):
         """The run's evaluation actor, started on first use."""
-        if self._evaluator is None:
-            if not self._ray_started:
-                ensure_ray(self.exp.ray)
-                self._ray_started = True
-            self._evaluator = evaluate.Evaluator.remote(self.exp.evaluate.threads)
+        self.start_ray()
+        with self._lock:
+            if self._evaluator is None:
+                self._evaluator = evaluate.Evaluator.remote(self.exp.evaluate.threads)
         return self._evaluator
 
     def start(self) -> Tracker:

@@ -76,6 +76,7 @@ def run_tune(exp: Experiment, method: str, student: str | None = None, console: 
     client = MlflowClient()
     parent_id = _parent_run(client, tracker.experiment_id, key)
     with mlflow.start_run(run_id=parent_id, run_name=None if parent_id else f"tune {method}") as parent:
+        tracker.parent_run_id = parent.info.run_id  # the prerequisite stages' runs nest under the search
         if parent_id is None:
             mlflow.set_tags({"search_key": key, "method": method, "kind": "tune"})
             mlflow.log_params({"samples": exp.tune.samples, "scheduler": exp.tune.scheduler, "search": exp.tune.search,

@@ -26,11 +26,6 @@ def primary_metric(regression: bool) -> str:
     return "pearson" if regression else "accuracy"
 
 
-def teacher_signals(method_name: str) -> str:
-    method = get_method(method_name)
-    return "online" if method.online_signals else "cached" if method.cached_signals else "none"
-
-
 def parameter_breakdown(model_dir: Path) -> dict:
     """A saved model's parameters in its embedding tables and outside them, its vocabulary and width, from its
     config alone: the model is built on the meta device, so no weights are read or allocated."""
@@ -100,7 +95,7 @@ def build_summary(exp, evaluations: dict, distills: dict, prepared: dict, train_
             "compression_non_embedding": ratio(teacher_parameters["non_embedding_params"],
                                                parameters["non_embedding_params"]),
             "speedup": teacher["latency_ms"] / result["latency_ms"],
-            "teacher_signals": teacher_signals(spec.method),
+            "teacher_signals": get_method(spec.method).teacher_signals(),
             "epochs": len(epochs),
             "epoch_seconds": float(np.mean([h["epoch_seconds"] for h in epochs])) if epochs else None,
             "train_rows": train_rows[spec.name],

@@ -5,18 +5,24 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 import mlflow
+from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from stages.errors import StageError
 
 
 # The userinfo of a URL (scheme://user:password@host): credentials belong in the environment
 # (MLFLOW_TRACKING_USERNAME/PASSWORD or _TOKEN, AWS_*), and whatever a URI carries is kept out of params and logs.
+# MLflow's limits on one log_batch request.
+MAX_METRICS_PER_BATCH, MAX_PARAMS_PER_BATCH = 1000, 100
 URL_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^/?#@\s]+@")
 
 
@@ -58,13 +64,18 @@ def remember_run(workdir: Path, tracking_uri: str, run_id: str) -> None:
     (workdir / RUN_FILE).write_text(json.dumps({"tracking_uri": tracking_uri, "run_id": run_id}) + "\n")
 
 
+def recorded_run(workdir: Path) -> dict | None:
+    """``tracking_uri`` and ``run_id`` of the pipeline run that last ran in ``workdir``, or None."""
+    record = workdir / RUN_FILE
+    return json.loads(record.read_text()) if record.exists() else None
+
+
 def log_report(workdir: Path, files: list[Path]) -> str | None:
     """Log ``files`` under ``report/`` of the MLflow run that last ran in ``workdir`` (replacing what it had
     there); its run id, or None when the workdir names no run."""
-    record = workdir / RUN_FILE
-    if not record.exists():
+    run = recorded_run(workdir)
+    if run is None:
         return None
-    run = json.loads(record.read_text())
     client = MlflowClient(tracking_uri=run["tracking_uri"])
     for path in files:
         client.log_artifact(run["run_id"], str(path), REPORT_ARTIFACTS)
@@ -89,28 +100,40 @@ class Tracker:
         except Exception as error:
             raise StageError(redact(f"MLflow tracking at {tracking_uri} is unreachable: {type(error).__name__}: {error}")) from None
         self.tracking_uri = tracking_uri
+        self.parent_run_id: str | None = None
+        self._lock = threading.Lock()
 
     @contextmanager
     def pipeline_run(self, name: str, params: dict) -> Iterator[mlflow.ActiveRun]:
         with mlflow.start_run(run_name=name) as run:
             mlflow.log_params(loggable_params(params))
+            self.parent_run_id = run.info.run_id
             yield run
 
     def log_stage(self, name: str, *, params: dict, result: dict, tags: dict[str, str],
                   artifacts: dict[str, Path] | None = None, history: list[dict] | None = None) -> str:
-        with mlflow.start_run(run_name=name, nested=True) as run:
-            mlflow.set_tags(tags)
-            if params:
-                mlflow.log_params(loggable_params(params))
-            metrics = numeric_leaves({k: v for k, v in result.items() if k not in ("history", "final")})
-            if metrics:
-                mlflow.log_metrics(metrics)
-            for record in history or []:
-                step = int(record.get("step", 0))
-                mlflow.log_metrics({metric_name(k): v for k, v in numeric_leaves(record).items() if k != "step"}, step=step)
+        """A nested run under the pipeline run, written through explicit run ids: stages finish on other threads,
+        where MLflow's fluent API has no active parent run. Metrics go in batches, not a request per value."""
+        client = MlflowClient(self.tracking_uri)
+        run_tags = {**tags, **({MLFLOW_PARENT_RUN_ID: self.parent_run_id} if self.parent_run_id else {})}
+        run_id = client.create_run(self.experiment_id, run_name=name, tags=run_tags).info.run_id
+        now = int(time.time() * 1000)
+        metrics = [Metric(key, value, now, 0) for key, value in
+                   numeric_leaves({k: v for k, v in result.items() if k not in ("history", "final")}).items()]
+        for record in history or []:
+            step = int(record.get("step", 0))
+            metrics += [Metric(metric_name(key), value, now, step)
+                        for key, value in numeric_leaves(record).items() if key != "step"]
+        parameters = [Param(key, value) for key, value in loggable_params(params).items()]
+        with self._lock:  # one writer at a time: a sqlite store refuses concurrent writes
+            for start in range(0, max(len(parameters), 1), MAX_PARAMS_PER_BATCH):
+                client.log_batch(run_id, params=parameters[start:start + MAX_PARAMS_PER_BATCH])
+            for start in range(0, len(metrics), MAX_METRICS_PER_BATCH):
+                client.log_batch(run_id, metrics=metrics[start:start + MAX_METRICS_PER_BATCH])
             for artifact_path, local in (artifacts or {}).items():
                 if local.is_dir():
-                    mlflow.log_artifacts(str(local), artifact_path)
+                    client.log_artifacts(run_id, str(local), artifact_path)
                 elif local.exists():
-                    mlflow.log_artifact(str(local), artifact_path)
-            return run.info.run_id
+                    client.log_artifact(run_id, str(local), artifact_path)
+            client.set_terminated(run_id, "FINISHED")
+        return run_id

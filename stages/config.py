@@ -8,13 +8,18 @@ the stage but not its key.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Mapping, Union
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
+from pydantic import (
+    BaseModel, ConfigDict, Field, PlainValidator, SerializeAsAny, ValidationError, create_model, field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from kd.augment import AugmentSettings
-from kd.methods import METHODS
+from kd.methods import METHODS, Method
 from kd.mlm import MlmSettings
 from kd.students import StudentShape
 from kd.training import TrainSettings
@@ -177,18 +182,49 @@ class StudentBase(Strict):
             self.data = METHODS[self.method].default_data
         return self
 
+    def method_object(self) -> Method:
+        """The entry's method, built once per method and params, for what planning and validation ask of it.
+        Training builds its own: it sets the student's vocabulary on the object."""
+        return _built_method(METHODS[self.method], self.params.model_dump_json())
 
-def _student_variant(method_name: str) -> type[StudentBase]:
-    method = METHODS[method_name]
+
+@functools.lru_cache(maxsize=256)
+def _built_method(method: type[Method], params_json: str) -> Method:
+    return method(method.Params.model_validate_json(params_json))
+
+
+@functools.cache
+def _student_variant(method: type[Method]) -> type[StudentBase]:
     return create_model(
-        f"Student_{method_name}",
+        f"Student_{method.name}",
         __base__=StudentBase,
-        method=(Literal[method_name], ...),
+        method=(Literal[method.name], ...),
         params=(method.Params, Field(default_factory=method.Params)),
     )
 
 
-StudentSpec = Annotated[Union[tuple(_student_variant(name) for name in sorted(METHODS))], Field(discriminator="method")]
+def _student_entry(value: Any) -> StudentBase:
+    """A student entry as the model of its method, looked up in the registry when the entry is validated rather
+    than when this module is imported, so that a method registered later is known like a built-in one. Errors
+    keep their field paths (``students[1].params.alpha``)."""
+    if isinstance(value, StudentBase):
+        return value
+    if not isinstance(value, Mapping):
+        raise ValidationError.from_exception_data("StudentSpec", [{"type": "dict_type", "loc": (), "input": value}])
+    name = value.get("method")
+    if name is None:
+        raise ValidationError.from_exception_data("StudentSpec", [{"type": "missing", "loc": ("method",),
+                                                                   "input": value}])
+    if not isinstance(name, str) or name not in METHODS:
+        unknown = PydanticCustomError("unknown_method", "unknown method {method}; known: {known}",
+                                      {"method": repr(name), "known": ", ".join(sorted(METHODS))})
+        raise ValidationError.from_exception_data("StudentSpec", [{"type": unknown, "loc": ("method",),
+                                                                   "input": name}])
+    return _student_variant(METHODS[name]).model_validate(value)
+
+
+# SerializeAsAny: an entry dumps as its method's model, with its params, not as the bare StudentBase.
+StudentSpec = Annotated[SerializeAsAny[StudentBase], PlainValidator(_student_entry)]
 
 
 class RayConfig(Strict):
@@ -207,6 +243,10 @@ class RayConfig(Strict):
                                       description="Torch threads in each worker (None: its CPUs).")
     storage_path: str | None = Field(default=None, json_schema_extra=UNKEYED,
                                      description="Ray Train/Tune storage; None: WORKDIR/ray. Shared storage on a cluster.")
+    max_concurrent_stages: int | None = Field(
+        default=None, ge=1, json_schema_extra=UNKEYED,
+        description="Stages run at once. None: as many training stages as the cluster's CPUs (and GPUs) hold with "
+        "num_workers × cpus_per_worker each, one CPU kept for Ray Data's reads; 1 on a 2-CPU machine.")
     max_failures: int = Field(default=0, ge=0, json_schema_extra=UNKEYED,
                               description="Restarts of a failed training run from its last checkpoint.")
 

@@ -105,7 +105,7 @@ def check_prepared_for(spec, inputs) -> None:
     """The vocabulary and ensemble soft labels in ``inputs`` are those this entry asks for: a search that samples
     what they were built from (a vocabulary size, an ensemble student's temperature) would otherwise train every
     trial on the base entry's."""
-    method = get_method(spec.method)(spec.params)
+    method = spec.method_object()
     if "vocabulary" in inputs:
         built, wanted = inputs["vocabulary"].result(), method.vocabulary_key()
         if any(built.get(key) != value for key, value in wanted.items()):
@@ -151,5 +151,4 @@ def run(cfg: Config, inputs, ctx, out: Path) -> dict:
     method = get_method(spec.method)
     job, train_source = student_job(cfg, spec, inputs)
     outcome = fit(cfg, job, train_source, inputs["data"].path / "dev.parquet", f"{cfg.name}-{spec.name}-{ctx.key}", out)
-    signals = "online" if method.needs_teacher_online else "cached" if method.uses_teacher else "none"
-    return {"method": method.name, "teacher_signals": signals, **outcome}
+    return {"method": method.name, "teacher_signals": method.teacher_signals(), **outcome}

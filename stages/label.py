@@ -113,11 +113,11 @@ class Config(StageConfig):
 
 
 def ensemble_temperature(spec) -> float | None:
-    """The temperature at which the ensemble's probabilities are averaged for this student entry (its method's
-    T, 1 for a method without one); None when it learns from the teacher's soft labels."""
+    """The temperature at which the ensemble's probabilities are averaged for this student entry
+    (``Method.ensemble_temperature``); None when it learns from the teacher's soft labels."""
     if spec.soft_labels != "ensemble":
         return None
-    return float(getattr(spec.params, "temperature", 1.0))
+    return spec.method_object().ensemble_temperature()
 
 
 def member_inputs(inputs: dict) -> list:

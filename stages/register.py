@@ -1,65 +1,104 @@
-"""The MLflow model registry: a student as a pyfunc model that predicts labels from raw text, registered with
-an alias (``candidate``) and tags; ``promote`` moves the ``champion`` alias."""
+"""The MLflow model registry: a student logged as a self-contained pyfunc model that predicts from raw text
+(``stages.serving_model``), registered with an alias (``candidate``) and tags; ``promote`` moves the ``champion``
+alias. A search registers its best trial (``log_student``); ``register_run_student`` registers a student of a
+finished pipeline run."""
 
 from __future__ import annotations
 
+import ast
 import json
+import shutil
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import mlflow
-import numpy as np
-import pandas as pd
 from mlflow.tracking import MlflowClient
+from transformers import AutoConfig
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
-STUDENT_ARTIFACT = "student"
-TASK_FILE = "task.json"
+from stages import serving_model
+from stages.errors import StageError
+
 CANDIDATE, CHAMPION = "candidate", "champion"
+BEST = "best"
+REPO_PACKAGES = {"kd", "stages", "pipeline"}
 
 
-class StudentClassifier(mlflow.pyfunc.PythonModel):
-    """Raw text in, labels out. The tokenizer and the declared label set travel inside the model."""
+@dataclass(frozen=True)
+class ServedTask:
+    """What the served model needs of the experiment."""
 
-    def load_context(self, context) -> None:
-        import kd.methods  # noqa: F401  (registers custom architectures such as the BiLSTM with the Auto classes)
-        from kd.batching import Collator
-        from stages.models import load_classifier, load_tokenizer
+    labels: list | None
+    pair: bool
+    max_length: int
+    regression: bool
+    num_labels: int
 
-        folder = context.artifacts[STUDENT_ARTIFACT]
-        self.task = json.loads((Path(folder) / TASK_FILE).read_text())
-        self.model = load_classifier(folder, self.task["num_labels"]).eval()
-        self.collator = Collator(load_tokenizer(folder), self.task["max_length"], self.task["regression"])
+    @classmethod
+    def of(cls, exp) -> ServedTask:
+        regression = exp.task.task_type == "regression"
+        return cls(_labels(exp.task.labels), exp.task.is_pair, exp.teacher.max_length, regression, exp.task.num_labels)
 
-    def predict(self, context, model_input, params=None):
-        from kd.batching import TEXT_A, TEXT_B, iterate_frame
-        from kd.evaluation import predict_frame
+    @classmethod
+    def from_params(cls, params: dict[str, str]) -> ServedTask:
+        """From the params a pipeline run logs: its experiment flattened, each value as its ``str``."""
+        try:
+            labels = ast.literal_eval(params["task.labels"])
+            regression = params["task.task_type"] == "regression"
+            return cls(_labels(labels), len(ast.literal_eval(params["task.text_columns"])) == 2,
+                       int(params["teacher.max_length"]), regression, 1 if regression else len(labels))
+        except (KeyError, ValueError, SyntaxError) as error:
+            raise StageError(f"the run's MLflow params do not describe its task ({error!r} in task.labels, "
+                             "task.text_columns, task.task_type, teacher.max_length)") from None
 
-        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame({TEXT_A: list(model_input)})
-        columns = self.task["text_columns"]
-        rename = {source: target for source, target in zip(columns, (TEXT_A, TEXT_B)) if source in frame.columns}
-        frame = frame.rename(columns=rename)
-        if TEXT_A not in frame.columns:
-            frame = frame.rename(columns={frame.columns[0]: TEXT_A})
-        logits = predict_frame(self.model, self.collator, frame[[c for c in (TEXT_A, TEXT_B) if c in frame.columns]])
-        if self.task["regression"]:
-            return logits.reshape(-1)
-        labels = np.asarray(self.task["labels"], dtype=object)
-        return list(labels[logits.argmax(-1)])
+
+def _labels(labels: list | None) -> list | None:
+    # One type per output column: a label set mixing numbers and names is served as names.
+    return [str(label) for label in labels] if labels and any(isinstance(label, str) for label in labels) else labels
+
+
+def architecture_module(student_dir: Path) -> Path | None:
+    """The module defining the student's architecture when it is not one of transformers' own: the served model
+    needs it as code, and it must not import this repository."""
+    import kd.methods  # noqa: F401  (registers the custom architectures with the Auto classes)
+
+    config = AutoConfig.from_pretrained(student_dir)
+    if config.model_type in CONFIG_MAPPING_NAMES:
+        return None
+    module = Path(sys.modules[type(config).__module__].__file__)
+    imported = set()
+    for node in ast.walk(ast.parse(module.read_text())):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            imported.add("." if node.level else node.module.split(".")[0])  # "." a relative import
+    repository = sorted(imported & (REPO_PACKAGES | {"."}))
+    if repository:
+        raise StageError(f"{module} defines model type {config.model_type!r} but imports {repository}: a served "
+                         "model carries this one module only")
+    return module
 
 
 def log_student(student_dir: Path, exp, name: str = "model") -> mlflow.models.model.ModelInfo:
     """Log a saved student as a pyfunc model in the active run."""
-    import shutil
-    import tempfile
+    return log_served(student_dir, ServedTask.of(exp), name)
 
+
+def log_served(student_dir: Path, task: ServedTask, name: str = "model") -> mlflow.models.model.ModelInfo:
+    """Log a saved student as a pyfunc model in the active run: the student folder with task.json, and the code
+    that serves it (``stages.serving_model`` and, for a custom architecture, its module)."""
+    module = architecture_module(student_dir)
+    document = {**asdict(task), "architecture_module": module.stem if module else None}
     with tempfile.TemporaryDirectory() as staged:
-        folder = Path(staged) / STUDENT_ARTIFACT
+        folder = Path(staged) / serving_model.STUDENT_ARTIFACT
         shutil.copytree(student_dir, folder)
-        (folder / TASK_FILE).write_text(json.dumps({
-            "labels": exp.task.labels, "text_columns": exp.task.text_columns, "max_length": exp.teacher.max_length,
-            "num_labels": exp.task.num_labels, "regression": exp.task.task_type == "regression",
-        }))
+        (folder / serving_model.TASK_FILE).write_text(json.dumps(document))
         return mlflow.pyfunc.log_model(
-            name=name, python_model=StudentClassifier(), artifacts={STUDENT_ARTIFACT: str(folder)},
+            name=name, python_model=serving_model.__file__, artifacts={serving_model.STUDENT_ARTIFACT: str(folder)},
+            code_paths=[str(module)] if module else None, signature=serving_model.signature(document),
+            input_example=serving_model.input_example(document),
             # Explicit requirements: inferring them offline makes MLflow look for packages we do not use.
             pip_requirements=_requirements(),
         )
@@ -68,7 +107,8 @@ def log_student(student_dir: Path, exp, name: str = "model") -> mlflow.models.mo
 def _requirements() -> list[str]:
     from importlib.metadata import version
 
-    return [f"{package}=={version(package)}" for package in ("torch", "transformers", "tokenizers", "mlflow", "pandas")]
+    return [f"{package}=={version(package)}"
+            for package in ("torch", "transformers", "tokenizers", "mlflow", "pandas", "numpy")]
 
 
 def register(model_uri: str, name: str, tags: dict[str, str]) -> int:

@@ -44,3 +44,27 @@ def test_failing_run_leaves_no_trusted_artifact(smoke_pipeline, monkeypatch):
     after = {p.parent for p in exp.workdir.glob("artifacts/distill/*/_COMPLETE")}
     assert after == before
     assert not list(exp.workdir.glob("artifacts/distill/.*.tmp-*"))
+
+
+def test_a_failed_student_fails_alone_and_the_rerun_trains_only_it(smoke_pipeline, tmp_path):
+    from stages.errors import StageError
+
+    exp, _, _ = smoke_pipeline
+    train = "train: {epochs: 1, batch_size: 32, learning_rate: 1.0e-4, report_every: 7}"
+    # The broken student comes first: its failure must not keep the one after it from training.
+    broken = (f"{{name: broken, method: distilbert, student: {{layers: 2}}, params: {{mlm_head: {tmp_path / 'nothing'}}}, "
+              f"{train}}}")
+    sibling = f"{{name: sibling, method: kd, student: {{layers: 2}}, params: {{alpha: 0.6}}, {train}}}"
+    first = PipelineRunner(load_experiment(SMOKE_CONFIG, [f"students=[{broken}, {sibling}]"], workdir=exp.workdir),
+                           Console(width=160))
+    with pytest.raises(StageError) as raised:
+        first.run()
+    assert set(raised.value.failures) == {"distill broken (distilbert)", "evaluate broken"}
+    assert "distill sibling (kd)" in first.done and "evaluate sibling" in first.done
+
+    repaired = broken.replace(f"mlm_head: {tmp_path / 'nothing'}", "alpha_mlm: 0")
+    rerun = PipelineRunner(load_experiment(SMOKE_CONFIG, [f"students=[{repaired}, {sibling}]"], workdir=exp.workdir),
+                           Console(width=160))
+    rerun.run()
+    ran = {name for name, state in rerun.board.states.items() if state == "done"}
+    assert ran == {"distill broken (distilbert)", "evaluate broken"}

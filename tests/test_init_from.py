@@ -10,7 +10,6 @@ from transformers import BertForSequenceClassification
 
 from conftest import tiny_bert_config
 from kd.batching import LABEL, TEXT_A
-from kd.training import TrainSettings
 from pipeline.artifacts import Artifact
 from stages.config import TaskConfig, TeacherConfig
 from stages.distill import student_job

@@ -70,6 +70,11 @@ def test_student_layer_past_its_depth_is_refused():
         validate_matches([LayerMatch(student_layer=5, teacher_layer=5)], 12, 4)
 
 
+def test_a_match_must_name_a_registered_loss():
+    with pytest.raises(ValidationError, match="unknown loss 'msee'; known: .*cos.*mse.*normalized_mse"):
+        LayerMatch(student_layer=1, teacher_layer=1, loss="msee")
+
+
 def test_attention_on_the_embedding_layer_is_refused():
     with pytest.raises(ValueError, match="no attention"):
         validate_matches([LayerMatch(student_layer=0, teacher_layer=0, feature="attention")], 12, 4)

@@ -69,6 +69,24 @@ def test_normalized_mse_is_a_mean_over_features_and_batch_as_in_the_reference_co
     assert get_loss("normalized_mse")(student, teacher).item() == pytest.approx(0.52, rel=1e-6)
 
 
+def test_normalized_mse_leaves_masked_rows_out_of_the_mean():
+    student = torch.tensor([[3.0, 4.0], [1.0, 0.0]])
+    teacher = torch.tensor([[4.0, 3.0], [0.0, 2.0]])
+    # Only row 1 counts: (0.04 + 0.04) / 2, still a mean over its features.
+    assert get_loss("normalized_mse")(student, teacher, torch.tensor([1, 0])).item() == pytest.approx(0.04, rel=1e-5)
+    assert get_loss("normalized_mse")(student, teacher, torch.ones(2)).item() == pytest.approx(0.52, rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["mse", "cos", "normalized_mse"])
+def test_feature_losses_take_a_token_mask(name):
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    kept = mask.bool()
+    masked = get_loss(name)(student, teacher, mask)
+    assert masked.item() == pytest.approx(get_loss(name)(student[kept], teacher[kept]).item(), rel=1e-5)
+
+
 def test_logit_mse_sums_classes_and_averages_batch():
     expected = np.mean(np.sum((STUDENT - TEACHER) ** 2, axis=-1))
     assert get_loss("logit_mse")(torch.tensor(STUDENT), torch.tensor(TEACHER)).item() == pytest.approx(expected)

@@ -61,8 +61,8 @@ def test_registered_candidate_and_champion_predict_from_raw_text(search):
     result = CliRunner().invoke(app, ["promote", name, "--version", str(version), "--tracking-uri", exp.tracking_uri])
     assert result.exit_code == 0, result.output
     model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
-    predictions = model.predict(pd.DataFrame({"sentence": ["a wonderful, moving film", "dull and lifeless"]}))
-    assert len(predictions) == 2 and set(predictions) <= {0, 1}
+    predictions = model.predict(pd.DataFrame({"text": ["a wonderful, moving film", "dull and lifeless"]}))
+    assert len(predictions) == 2 and set(predictions["label"]) <= {0, 1}
 
 
 def test_promote_unknown_version_fails_clearly(search):

@@ -17,6 +17,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from kd.batching import Collator
+from kd.layer_maps import LayerMatch
 from kd.students import StudentShape, build_student
 
 CACHED_SIGNALS = frozenset({"logits", "mlm_topk"})  # mlm_topk: the teacher's top-k masked-LM distribution per token
@@ -75,6 +76,34 @@ class Method(ABC):
         """Whether the loss reads the teacher's logits (cached, or online), so that an ensemble's averaged soft
         labels can stand in for them."""
         return "logits" in cls.cached_signals | cls.online_signals
+
+    @classmethod
+    def teacher_signals(cls) -> Literal["online", "cached", "none"]:
+        """How the loss reads the teacher, as summaries and the report's cost table show it: computed in each step,
+        read from the prepared Parquet, or not at all."""
+        return "online" if cls.online_signals else "cached" if cls.cached_signals else "none"
+
+    def ensemble_temperature(self) -> float:
+        """The temperature T at which an ensemble's probabilities are averaged for this student, so that the
+        softmax(z / T) its loss forms from the averaged logits is exactly the averaged distribution
+        (kd.ensemble): its loss's T, 1 for a loss without one."""
+        return 1.0
+
+    def reads_mlm_teacher(self) -> bool:
+        """Whether the student takes the head of the pipeline's masked-LM teacher (stage mlm_teacher), which the
+        pipeline then hands over as ``params.mlm_head``."""
+        return False
+
+    def layer_matches(self, n_teacher: int, n_student: int) -> list[LayerMatch]:
+        """The layer-to-layer terms of the loss for these depths (kd.layer_maps); checked against the teacher's
+        depth before any Ray work."""
+        return []
+
+    def problems(self, where: str, spec: Any, experiment: Any) -> list[str]:
+        """What else is wrong with this student entry (``spec``, a ``stages.config.StudentBase``) in
+        ``experiment`` (a ``pipeline.config.Experiment``), one message per problem, each starting with ``where``
+        (e.g. ``students[1] (fast)``); called when the experiment is validated, before any model is read."""
+        return []
 
     @property
     def needs_teacher_online(self) -> bool:

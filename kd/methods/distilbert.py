@@ -150,6 +150,20 @@ class DistilBert(Method):
     def mlm_on(self) -> bool:
         return self.params.mlm_head is not None and self.params.alpha_mlm > 0
 
+    def ensemble_temperature(self) -> float:
+        return self.params.temperature
+
+    def reads_mlm_teacher(self) -> bool:
+        """The masked-LM term is on and no ``mlm_head`` of its own is given: it takes the head of the pipeline's
+        masked-LM teacher, since the packaged MiniLM has none to offer."""
+        return self.params.alpha_mlm > 0 and self.params.mlm_head is None
+
+    def problems(self, where, spec, experiment):
+        if self.reads_mlm_teacher() and experiment.teacher.mlm is None:
+            return [f"{where}: distilbert: params.alpha_mlm > 0 turns on the masked-LM term, which reads the "
+                    "masked-LM teacher's head; set teacher.mlm, or params.mlm_head, or params.alpha_mlm: 0"]
+        return []
+
     def layer_matches(self, n_teacher: int, n_student: int) -> list[LayerMatch]:
         return [LayerMatch(student_layer=n_student, teacher_layer=n_teacher, feature="hidden", loss="cos")]
 

@@ -69,6 +69,9 @@ class DualTrain(Method):
     student_outputs = frozenset({"hidden_states"})
     classification_only = True
 
+    def ensemble_temperature(self) -> float:
+        return self.params.temperature
+
     def student_tokenizer(self, teacher_tokenizer: PreTrainedTokenizerBase,
                           train_texts: Iterable[str]) -> PreTrainedTokenizerBase:
         """The student's WordPiece vocabulary, trained on ``train_texts`` with the teacher's casing, unless the

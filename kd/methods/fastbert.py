@@ -7,7 +7,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from kd.fastbert import FastBertForSequenceClassification, fastbert_from
 from kd.losses import kl_divergence
-from kd.methods.base import MODEL_INPUTS, Method, MethodParams, register_method
+from kd.methods.base import METHODS, MODEL_INPUTS, Method, MethodParams, register_method
 from kd.students import StudentShape
 
 
@@ -49,6 +49,25 @@ class FastBert(Method):
 
     def starts_from(self) -> str | None:
         return None if self.params.wrap == TEACHER else self.params.wrap
+
+    def problems(self, where, spec, experiment):
+        """The student it wraps exists, is a plain BERT classifier, and has this entry's shape."""
+        wrapped = self.starts_from()
+        if wrapped is None:
+            return []
+        names = {other.name: other for other in experiment.students}
+        source = names.get(wrapped)
+        if source is None or source is spec:
+            return [f"{where}.params.wrap: {wrapped!r} is neither 'teacher' nor another student "
+                    f"(students: {', '.join(n for n in names if n != spec.name) or 'none'})"]
+        if not METHODS[source.method].bert_student:
+            return [f"{where}.params.wrap: {wrapped!r} is a {source.method} student, not a fine-tuned BERT "
+                    "classifier that branches can be added to"]
+        try:
+            check_wrapped_shape(spec.student, source.student.layers, source.student.hidden_size, wrapped)
+        except ValueError as error:
+            return [f"{where}: {error}"]
+        return []
 
     def check_teacher(self, shape: StudentShape, teacher_config: PretrainedConfig) -> None:
         if self.starts_from() is None:

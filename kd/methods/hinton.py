@@ -21,6 +21,9 @@ class HintonKD(Method):
     Params = HintonParams
     cached_signals = frozenset({"logits"})
 
+    def ensemble_temperature(self) -> float:
+        return self.params.temperature
+
     def loss(self, student_out, teacher_out, batch, auxiliary, phase):
         p = self.params
         soft = kl_divergence(student_out.logits, teacher_out.logits, p.temperature)

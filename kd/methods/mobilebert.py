@@ -35,9 +35,7 @@ class MobileBertParams(TwoPhaseParams):
 
 
 @register_loss("attention_kl")
-def attention_kl(
-    student: torch.Tensor, teacher: torch.Tensor, attention_mask: torch.Tensor | None = None
-) -> torch.Tensor:
+def attention_kl(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """MobileBERT's attention transfer: (1/(h·n)) Σ_heads Σ_queries KL(A_t,q ‖ A_s,q), A [B, heads, n, n] the
     attention probabilities over the keys, taken here from the unmasked scaled scores [B, heads, n, n] both models
     return (kd.attention): softmax over the real keys, as the models' own forward pass weighs them, without its
@@ -48,13 +46,13 @@ def attention_kl(
     0 · log 0 counts as 0, and student probabilities are floored at the smallest normal number so an underflowed
     key gives a large finite term, not −inf · 0.
     """
-    student, teacher = (key_probabilities(scores, attention_mask) for scores in (student, teacher))
+    student, teacher = (key_probabilities(scores, mask) for scores in (student, teacher))
     student, teacher = align_heads(student, teacher)
     floor = torch.finfo(student.dtype).tiny
     kl = (torch.xlogy(teacher, teacher) - teacher * student.clamp_min(floor).log()).sum(-1)  # [B, heads, n]
-    if attention_mask is None:
+    if mask is None:
         return kl.mean()
-    weights = attention_mask[:, None, :].to(kl.dtype).expand_as(kl)
+    weights = mask[:, None, :].to(kl.dtype).expand_as(kl)
     return (kl * weights).sum() / weights.sum().clamp_min(1.0)
 
 
@@ -92,6 +90,9 @@ class MobileBert(Method):
     student_outputs = frozenset({"hidden_states", "attentions"})
     default_init = "random"
     bert_student = False
+
+    def ensemble_temperature(self) -> float:
+        return self.params.temperature
 
     def build_student(self, teacher: PreTrainedModel, shape: StudentShape) -> BottleneckBertForSequenceClassification:
         shape = self.resolve_shape(shape)

@@ -42,6 +42,9 @@ class PKD(Method):
     student_outputs = frozenset({"hidden_states"})
     default_init = "bottom"
 
+    def ensemble_temperature(self) -> float:
+        return self.params.temperature
+
     def layer_matches(self, n_teacher: int, n_student: int) -> list[LayerMatch]:
         return expand_strategy(self.params.strategy, n_teacher, n_student, feature="cls", loss="normalized_mse",
                                include_last=False)

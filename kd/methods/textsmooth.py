@@ -34,6 +34,9 @@ class TextSmooth(Method):
     cached_signals = frozenset({"logits", "mlm_topk"})
     default_init = "bottom"  # Wu et al. initialise the student from the teacher's first layers
 
+    def ensemble_temperature(self) -> float:
+        return self.params.temperature
+
     def student_forward(self, student, batch, auxiliary, phase):
         missing = [key for key in (MLM_TOPK_IDS, MLM_TOPK_PROBS) if key not in batch]
         if missing:

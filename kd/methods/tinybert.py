@@ -78,6 +78,9 @@ class TinyBert(Method):
     student_outputs = frozenset({"hidden_states", "attentions"})
     default_init = "uniform"
 
+    def ensemble_temperature(self) -> float:
+        return self.params.temperature
+
     def phases(self) -> list[Phase]:
         return [Phase(INTERMEDIATE, epochs=self.params.intermediate_epochs),
                 Phase(PREDICTION, epochs=self.params.prediction_epochs)]

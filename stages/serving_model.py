@@ -1,0 +1,96 @@
+"""A registered student as MLflow loads and serves it: raw text in, a label and the class probabilities out (a
+score for regression).
+
+MLflow logs this file with the model ("models from code") and runs it wherever the model is loaded, so it imports
+only what the model's requirements list (torch, transformers, pandas, numpy, mlflow), never this repository. A
+student of a custom architecture (model type ``kd-*``) travels with the one module that defines it, logged as a
+code path and named in task.json: importing that module registers the architecture with transformers' Auto classes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+from mlflow.models.signature import ModelSignature
+from mlflow.types.schema import Array, ColSpec, Schema
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+STUDENT_ARTIFACT = "student"
+TASK_FILE = "task.json"
+TEXT, TEXT_PAIR = "text", "text_pair"
+LABEL, PROBABILITIES, SCORE = "label", "probabilities", "score"
+# The inputs the pipeline's training and evaluation feed every student (kd.methods.base.MODEL_INPUTS).
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+BATCH_SIZE = 64
+
+
+def signature(task: dict) -> ModelSignature:
+    """``text`` (and ``text_pair`` for a pair task) in; ``label`` and ``probabilities``, or ``score``, out."""
+    inputs = [ColSpec("string", TEXT)] + ([ColSpec("string", TEXT_PAIR)] if task["pair"] else [])
+    if task["regression"]:
+        outputs = [ColSpec("double", SCORE)]
+    else:
+        label_type = "string" if any(isinstance(label, str) for label in task["labels"]) else "long"
+        outputs = [ColSpec(label_type, LABEL), ColSpec(Array("double"), PROBABILITIES)]
+    return ModelSignature(Schema(inputs), Schema(outputs))
+
+
+def input_example(task: dict) -> pd.DataFrame:
+    example = {TEXT: ["a gripping, beautifully acted film"]}
+    if task["pair"]:
+        example[TEXT_PAIR] = ["the film is worth seeing"]
+    return pd.DataFrame(example)
+
+
+class StudentClassifier(mlflow.pyfunc.PythonModel):
+    """The tokenizer and the declared label set travel inside the model, in the student artifact."""
+
+    def load_context(self, context) -> None:
+        folder = Path(context.artifacts[STUDENT_ARTIFACT])
+        self.task = json.loads((folder / TASK_FILE).read_text())
+        model_type = json.loads((folder / "config.json").read_text())["model_type"]
+        if model_type not in CONFIG_MAPPING:  # already there when the pipeline's own kd package is loaded
+            importlib.import_module(self.task["architecture_module"])
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            folder, num_labels=self.task["num_labels"]).eval()
+
+    def logits(self, texts: list[str], pairs: list[str] | None) -> np.ndarray:
+        """Batches cut in order of text length, as the pipeline's evaluation cuts them: less padding, and the same
+        batches give the same numbers."""
+        lengths = np.array([len(text) for text in texts])
+        if pairs is not None:
+            lengths += np.array([len(pair) for pair in pairs])
+        order = np.argsort(lengths, kind="stable")
+        outputs = []
+        with torch.inference_mode():
+            for start in range(0, len(order), BATCH_SIZE):
+                rows = order[start:start + BATCH_SIZE]
+                second = [pairs[i] for i in rows] if pairs is not None else None
+                encoded = self.tokenizer([texts[i] for i in rows], second, truncation=True,
+                                         max_length=self.task["max_length"], padding=True, return_tensors="pt")
+                outputs.append(self.model(**{k: encoded[k] for k in MODEL_INPUTS if k in encoded}).logits.float())
+        logits = torch.cat(outputs).numpy() if outputs else np.zeros((0, self.task["num_labels"]), np.float32)
+        restored = np.empty_like(logits)
+        restored[order] = logits
+        return restored
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        texts = model_input[TEXT].astype(str).tolist()
+        pairs = model_input[TEXT_PAIR].astype(str).tolist() if self.task["pair"] else None
+        logits = self.logits(texts, pairs)
+        if self.task["regression"]:
+            return pd.DataFrame({SCORE: logits.reshape(-1).astype(np.float64)})
+        probabilities = torch.from_numpy(logits).softmax(-1).double().numpy()
+        return pd.DataFrame({LABEL: [self.task["labels"][i] for i in logits.argmax(-1)],
+                             PROBABILITIES: list(probabilities)})
+
+
+mlflow.models.set_model(StudentClassifier())
