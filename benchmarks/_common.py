@@ -14,7 +14,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Sequence
 from unittest import mock
 
@@ -135,18 +134,17 @@ def add_label_arguments(parser) -> None:
 
 
 def label_config(teacher: str, max_length: int, batch_size: int, actors: int, cpus_per_actor: float,
-                 threads: int) -> SimpleNamespace:
-    """The slice of an experiment that the label stage's functions read."""
-    from pipeline.config import LabelConfig, TaskConfig, TeacherConfig
+                 threads: int):
+    """The label stage's own config slice (``stages.label.Config``), as the runner builds it."""
+    from stages.config import LabelConfig, TaskConfig, TeacherConfig
+    from stages.label import Config
 
-    return SimpleNamespace(
-        task=TaskConfig(), teacher=TeacherConfig(source=teacher, max_length=max_length),
-        label=LabelConfig(batch_size=batch_size, actors=actors, cpus_per_actor=cpus_per_actor,
-                          threads_per_actor=threads),
-    )
+    return Config(task=TaskConfig(), teacher=TeacherConfig(source=teacher, max_length=max_length),
+                  label=LabelConfig(batch_size=batch_size, actors=actors, cpus_per_actor=cpus_per_actor,
+                                    threads_per_actor=threads))
 
 
-def bare_label(in_path: Path, out_path: Path, model_dir: str, cfg: SimpleNamespace) -> dict:
+def bare_label(in_path: Path, out_path: Path, model_dir: str, cfg) -> dict:
     """Read, predict and write the same Parquet in this process: the floor the Ray stage is measured against."""
     started = time.perf_counter()
     frame = pd.read_parquet(in_path)
@@ -222,7 +220,7 @@ def operator_times(summary) -> list[dict]:
     return operators
 
 
-def ray_label(in_path: Path, out_dir: Path, rows: int, model_dir: str, cfg: SimpleNamespace, log_path: Path) -> dict:
+def ray_label(in_path: Path, out_dir: Path, rows: int, model_dir: str, cfg, log_path: Path) -> dict:
     """The label stage's body (``stages.label.run`` minus its artifact plumbing) with the timed predictor."""
     import ray
 

@@ -70,15 +70,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def augment_stage(data_dir: Path, out: Path, args: argparse.Namespace, log_path: Path) -> dict:
     """``stages.augment.run`` on the data stage's output, its actor timed and the POS-vocabulary pass (the
     tagging pass over the split that runs before augmenting) timed on its own, under a memory sampler."""
-    from types import SimpleNamespace
-
     from pipeline.artifacts import Artifact
-    from pipeline.config import AugmentConfig, TeacherConfig
     from stages import augment
+    from stages.config import AugmentConfig, LabelConfig, TeacherConfig
 
-    cfg = SimpleNamespace(augment=AugmentConfig(rule="tang", copies=args.copies, actors=args.augment_actors,
-                                                batch_size=args.augment_batch_size),
-                          teacher=TeacherConfig(source=args.teacher, max_length=args.max_length))
+    cfg = augment.Config(augment=AugmentConfig(rule="tang", copies=args.copies, actors=args.augment_actors,
+                                               batch_size=args.augment_batch_size),
+                         teacher=TeacherConfig(source=args.teacher, max_length=args.max_length), label=LabelConfig())
     vocabulary_pass = {}
 
     def timed_pos_vocabulary(source):

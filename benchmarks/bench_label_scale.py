@@ -10,14 +10,12 @@ Streaming means memory must not grow with the row count: the peaks at 100k and 1
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Iterator
 
 if __name__ == "__main__" and not __package__:
@@ -162,15 +160,16 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     machine = machine_info()
 
-    from pipeline.config import LabelConfig, RayConfig, TaskConfig, TeacherConfig
     from pipeline.ray_session import ensure_ray
+    from stages import label
+    from stages.config import LabelConfig, RayConfig, TaskConfig, TeacherConfig
     from stages.layout import STUDENT_DIR
 
     results: dict = {"sizes": []}
     with tempfile.TemporaryDirectory(prefix="bench_label_scale_") as scratch:
         scratch = Path(scratch)
         teacher = tiny_teacher(scratch / "teacher" / STUDENT_DIR, args)
-        cfg = SimpleNamespace(
+        cfg = label.Config(
             task=TaskConfig(labels=list(range(NUM_LABELS))),
             teacher=TeacherConfig(source=str(teacher), max_length=args.max_length),
             label=LabelConfig(batch_size=args.batch_size, actors=args.actors, cpus_per_actor=1,

@@ -97,12 +97,11 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(returncode)
 
     workdir = load_experiment(args.config, args.overrides, args.workdir).workdir
-    # The run rewrites summaries/seed-0..N-1 but leaves files of an earlier run with more seeds in place.
-    summaries = load_summaries(workdir)[:args.seeds]
+    summaries = load_summaries(workdir)
     console.print(report_table(summaries))
     report_copy = copy_report(workdir, result_path(NAME, args.quick, ".md"))
     results = {"pipeline_command": command, "wall_s": seconds, "workdir": str(workdir),
-               "report": report_copy.name, "summaries": summaries}
+               "report": report_copy.name, "summaries": [summary.model_dump(mode="json") for summary in summaries]}
     write_results(NAME, args.quick, machine, vars(args), results)
     return results
 

@@ -19,7 +19,6 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Callable
 from unittest import mock
 
@@ -140,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
     machine = machine_info()
 
     from kd.training import TrainSettings
-    from pipeline.config import RayConfig
+    from stages.config import RayConfig, RunPlace
     from pipeline.ray_session import ensure_ray
     from stages import distill
     from stages.models import resolve_model_source
@@ -177,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
         console.print("Ray Train (TorchTrainer, RayTrainIO, 1 worker)")
         ray_cfg = RayConfig(address="local", num_workers=1, cpus_per_worker=args.cpus_per_worker,
                             torch_threads=args.threads, storage_path=str(scratch / "ray"))
-        cfg = SimpleNamespace(ray=ray_cfg, workdir=scratch)
+        cfg = RunPlace(name="bench_train_overhead", workdir=scratch, ray=ray_cfg)
         log_path = scratch / "ray.jsonl"
         with mock.patch.object(distill, "train_loop_per_worker", timed_loop(str(log_path), RayTrainIO)):
             called = time.time()

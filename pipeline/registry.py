@@ -11,15 +11,16 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.artifacts import ArtifactStore
 from pipeline.summary import load_summaries
+from pipeline.summary_schema import Summary
 from pipeline.tracking import RUN_FILE, recorded_run
 from stages.errors import StageError
 from stages.layout import STUDENT_DIR
 from stages.register import BEST, ServedTask, log_served, register
 
 
-def choose_student(summary: dict, student: str, max_latency_ms: float | None = None) -> str:
+def choose_student(summary: Summary, student: str, max_latency_ms: float | None = None) -> str:
     """``student`` itself, or for ``best`` the student with the best dev metric, within ``max_latency_ms``."""
-    students, metric = summary["students"], summary["metric"]
+    students, metric = summary.students, summary.metric
     if student != BEST:
         if student not in students:
             raise StageError(f"no student {student!r} in the run; its students: {', '.join(students)} (or {BEST})")
@@ -27,12 +28,12 @@ def choose_student(summary: dict, student: str, max_latency_ms: float | None = N
     else:
         within = list(students)
     if max_latency_ms is not None:
-        within = [name for name in within if students[name]["latency_ms"] <= max_latency_ms]
+        within = [name for name in within if students[name].latency_ms <= max_latency_ms]
         if not within:
-            fastest = min(students, key=lambda name: students[name]["latency_ms"])
+            fastest = min(students, key=lambda name: students[name].latency_ms)
             raise StageError(f"no student {'' if student == BEST else repr(student) + ' '}within {max_latency_ms:g} "
-                             f"ms; the fastest, {fastest}, takes {students[fastest]['latency_ms']:.1f} ms")
-    return max(within, key=lambda name: (students[name]["dev"][metric], -students[name]["latency_ms"]))
+                             f"ms; the fastest, {fastest}, takes {students[fastest].latency_ms:.1f} ms")
+    return max(within, key=lambda name: (students[name].dev[metric], -students[name].latency_ms))
 
 
 def distill_run(client: MlflowClient, run, student: str):
@@ -62,7 +63,7 @@ def register_run_student(workdir: Path, student: str, max_latency_ms: float | No
     except FileNotFoundError as error:
         raise StageError(str(error)) from None
     chosen = choose_student(summary, student, max_latency_ms)
-    entry, metric = summary["students"][chosen], summary["metric"]
+    entry, metric = summary.students[chosen], summary.metric
     distill = distill_run(client, run, chosen)
     artifact = ArtifactStore(workdir / "artifacts").lookup("distill", distill.data.tags["key"])
     if artifact is None:
@@ -74,11 +75,11 @@ def register_run_student(workdir: Path, student: str, max_latency_ms: float | No
         info = log_served(artifact.path / STUDENT_DIR, task, chosen)
     finally:
         mlflow.end_run()  # FINISHED, as the run was: a failed registration leaves the run's status alone
-    registered_name = name or _registry_name(run.data.params) or f"{summary['experiment']}-{entry['method']}"
+    registered_name = name or _registry_name(run.data.params) or f"{summary.experiment}-{entry.method}"
     version = register(info.model_uri, registered_name, {
-        "method": entry["method"], "teacher": summary["teacher"]["source"], "student": chosen,
-        "run_id": run.info.run_id, f"dev_{metric}": entry["dev"][metric], f"test_{metric}": entry["test"][metric],
-        "speedup": round(entry["speedup"], 2), "latency_ms": round(entry["latency_ms"], 2), "params": entry["params"],
+        "method": entry.method, "teacher": summary.teacher.source, "student": chosen,
+        "run_id": run.info.run_id, f"dev_{metric}": entry.dev[metric], f"test_{metric}": entry.test[metric],
+        "speedup": round(entry.speedup, 2), "latency_ms": round(entry.latency_ms, 2), "params": entry.params,
         "config": json.dumps(dict(sorted(distill.data.params.items()))),
     })
     return registered_name, version, chosen

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -30,7 +29,8 @@ from pipeline.artifacts import Artifact, ArtifactStore, content_key, write_resul
 from pipeline.code_keys import code_digests
 from pipeline.config import ConfigError, Experiment
 from pipeline.ray_session import check_ray, ensure_ray, link_worker_logs
-from pipeline.summary import SEED_SUMMARIES, SUMMARY_FILE, build_summary, summary_table, write_workdir_report
+from pipeline.summary import build_summary, summary_table, write_summaries, write_workdir_report
+from pipeline.summary_schema import Summary
 from pipeline.tracking import Tracker, log_report, remember_run
 from stages import augment, data, distill, evaluate, label, mlm_teacher, mlm_topk, teacher, vocabulary
 from stages.config import StageConfig
@@ -410,11 +410,13 @@ class PipelineRunner:
             if node.stage != "data":
                 self.start_ray()  # the data is checked before Ray's seconds of start-up are spent
             self.board.start(name)
-            started = time.perf_counter()
+            started, started_at = time.perf_counter(), time.time()
             with self.store.writing(node.stage, planned.key) as scratch:
                 result = node.run(node.config, inputs, StageContext(planned.key, self.console, self.evaluator),
                                   scratch)
-                result["seconds"] = round(time.perf_counter() - started, 2)
+                # Wall-clock bounds, so that stages run side by side can be seen to overlap (and schedules replayed).
+                result.update(seconds=round(time.perf_counter() - started, 2), started_at=started_at,
+                              finished_at=time.time())
                 write_result(scratch, result)
                 (scratch / MANIFEST_FILE).write_text(json.dumps(planned.manifest(), indent=2))
             artifact = self.store.lookup(node.stage, planned.key)
@@ -518,7 +520,7 @@ class PipelineRunner:
         self.execute_all()
         return {name: self.done[ref] for name, ref in refs.items()}
 
-    def summarise(self, prepared: dict[str, Artifact], students: dict[str, tuple[Any, str, str]]) -> dict:
+    def summarise(self, prepared: dict[str, Artifact], students: dict[str, tuple[Any, str, str]]) -> Summary:
         """One seed's summary, with the teacher and every student timed together now."""
         evaluations = {"teacher": prepared["teacher_eval"]}
         distills, train_rows = {}, {}
@@ -551,20 +553,13 @@ class PipelineRunner:
         prepared = {name: self.done[ref] for name, ref in refs.items()}
         summaries = [self.summarise(prepared, students) for students in per_seed]
         summary = summaries[0]
-        path = exp.workdir / SUMMARY_FILE
-        path.write_text(json.dumps(summary, indent=2))
-        per_seed_dir = exp.workdir / SEED_SUMMARIES
-        if per_seed_dir.exists():
-            shutil.rmtree(per_seed_dir)  # an earlier run with more seeds would otherwise leave its extra files behind
-        per_seed_dir.mkdir()
-        for offset, seed_summary in enumerate(summaries):
-            (per_seed_dir / f"seed-{offset}.json").write_text(json.dumps(seed_summary, indent=2))
+        path = write_summaries(exp.workdir, summaries)
         mlflow.log_artifact(str(path))
-        mlflow.log_metrics({f"{name}.dev_{metric}": value for name, s in summary["students"].items()
-                            for metric, value in s["dev"].items()})
+        mlflow.log_metrics({f"{name}.dev_{metric}": value for name, s in summary.students.items()
+                            for metric, value in s.dev.items()})
         self.console.print(summary_table(summary))
         paths = write_workdir_report(exp.workdir, summaries)
         log_report(exp.workdir, paths.files())
         verdict = "nothing recomputed" if self.counts["ran"] == 0 else f"{self.counts['ran']} stage(s) ran"
         self.console.print(f"{verdict}, {self.counts['cached']} cached. Summary: {path}; report: {paths.markdown}")
-        return summary
+        return summary.model_dump(mode="json")  # run() returns what summary.json holds, in JSON types

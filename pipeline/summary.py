@@ -1,9 +1,11 @@
-"""summary.json, its terminal table, and the inputs of the distillation report read back from a workdir."""
+"""summary.json: built from a run's stages, written to its workdir and read back (the schema of the file is
+``pipeline.summary_schema``); its terminal table; and the report written from a workdir's summaries."""
 
 from __future__ import annotations
 
-import json
+import shutil
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -13,7 +15,9 @@ from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from kd.methods import get_method
 from kd.students import parameter_counts
-from pipeline.report import ReportPaths, training_cost, write_report
+from pipeline.report import ReportPaths, write_report
+from pipeline.report_stats import training_cost
+from pipeline.summary_schema import EnsembleMember, EnsembleSummary, Init, StudentSummary, Summary, TeacherSummary
 from stages.evaluate import TEST_PREDICTIONS
 from stages.layout import STUDENT_DIR
 
@@ -39,12 +43,12 @@ def ratio(teacher: float, student: float) -> float:
     return teacher / max(student, 1)
 
 
-def ensemble_summary(exp, prepared: dict) -> dict:
+def ensemble_summary(exp, prepared: dict) -> EnsembleSummary:
     """Each teacher of the ensemble and the ensemble itself on dev and test."""
     result = prepared["ensemble_eval"].result()
-    teachers = [{"source": member.source, "seed": member.train.seed, "dev": metrics["dev"], "test": metrics["test"]}
+    teachers = [EnsembleMember(source=member.source, seed=member.train.seed, dev=metrics["dev"], test=metrics["test"])
                 for member, metrics in zip(exp.ensemble.teachers, result["members"], strict=True)]
-    return {"teachers": teachers, "dev": result["dev"], "test": result["test"]}
+    return EnsembleSummary(teachers=teachers, dev=result["dev"], test=result["test"])
 
 
 def with_timing(result: dict, timing: dict | None) -> dict:
@@ -60,16 +64,17 @@ def with_timing(result: dict, timing: dict | None) -> dict:
 
 
 def build_summary(exp, evaluations: dict, distills: dict, prepared: dict, train_rows: dict[str, int],
-                  timings: dict[str, dict] | None = None) -> dict:
+                  timings: dict[str, dict] | None = None) -> Summary:
     """``evaluations`` and ``distills``: stage artifacts by student name (evaluations also has the teacher);
     ``train_rows``: the rows each student trained on (the augmented corpus's, for one trained on it); ``timings``:
     fresh latencies by name (the teacher's under ``teacher``), which replace those of the evaluations."""
     timings = timings or {}
     teacher_eval = with_timing(evaluations["teacher"].result(), timings.get("teacher"))
     teacher_parameters = parameter_breakdown(prepared["teacher"].path / STUDENT_DIR)
-    teacher = {"source": exp.teacher.source, "fine_tuned": prepared["teacher"].result().get("fine_tuned", False),
-               "dev": teacher_eval["dev"], "test": teacher_eval["test"], **{k: teacher_eval[k] for k in SIZE_FIELDS},
-               "parameters": teacher_parameters}
+    teacher = TeacherSummary(source=exp.teacher.source,
+                             fine_tuned=prepared["teacher"].result().get("fine_tuned", False),
+                             dev=teacher_eval["dev"], test=teacher_eval["test"],
+                             **{k: teacher_eval[k] for k in SIZE_FIELDS}, parameters=teacher_parameters)
     students = {}
     for spec in exp.students:
         result = with_timing(evaluations[spec.name].result(), timings.get(spec.name))
@@ -77,79 +82,93 @@ def build_summary(exp, evaluations: dict, distills: dict, prepared: dict, train_
         parameters = parameter_breakdown(distills[spec.name].path / STUDENT_DIR)
         # A width the entry leaves to the method (MobileBERT's bottleneck) is the saved model's.
         width = parameters["hidden_size"] if parameters["hidden_size"] != teacher_parameters["hidden_size"] else None
-        students[spec.name] = {
-            "method": spec.method,
-            "layers": spec.student.layers,
-            # Where its weights started: the teacher's or the pre-trained checkpoint's layers, which ones.
-            "init": {"from": spec.student.init_from,
-                     "layers": get_method(spec.method)(spec.params).resolve_shape(spec.student).init},
-            "selected_epoch": distills[spec.name].result().get("selected_epoch"),
-            "hidden_size": spec.student.hidden_size or width,
-            "soft_labels": spec.soft_labels,
-            "dev": result["dev"],
-            "test": result["test"],
-            **{k: result[k] for k in SIZE_FIELDS},
-            "parameters": parameters,
-            "compression": teacher["params"] / result["params"],
-            "compression_embeddings": ratio(teacher_parameters["embedding_params"], parameters["embedding_params"]),
-            "compression_non_embedding": ratio(teacher_parameters["non_embedding_params"],
-                                               parameters["non_embedding_params"]),
-            "speedup": teacher["latency_ms"] / result["latency_ms"],
-            "teacher_signals": get_method(spec.method).teacher_signals(),
-            "epochs": len(epochs),
-            "epoch_seconds": float(np.mean([h["epoch_seconds"] for h in epochs])) if epochs else None,
-            "train_rows": train_rows[spec.name],
-            "evaluate_dir": str(evaluations[spec.name].path),
-        }
+        early_exit = None
         if "early_exit" in result:
-            students[spec.name]["early_exit"] = [{**point, "speedup": teacher["latency_ms"] / point["latency_ms"]}
-                                                 for point in result["early_exit"]]
-    summary = {"experiment": exp.name, "metric": primary_metric(exp.task.task_type == "regression"),
-               "data_dir": str(prepared["data"].path), "teacher": teacher, "students": students}
-    if "ensemble_eval" in prepared:
-        summary["ensemble"] = ensemble_summary(exp, prepared)
-    return summary
+            early_exit = [{**point, "speedup": teacher.latency_ms / point["latency_ms"]}
+                          for point in result["early_exit"]]
+        students[spec.name] = StudentSummary(
+            method=spec.method,
+            layers=spec.student.layers,
+            init=Init(from_=spec.student.init_from,
+                      layers=get_method(spec.method)(spec.params).resolve_shape(spec.student).init),
+            selected_epoch=distills[spec.name].result().get("selected_epoch"),
+            hidden_size=spec.student.hidden_size or width,
+            soft_labels=spec.soft_labels,
+            dev=result["dev"],
+            test=result["test"],
+            **{k: result[k] for k in SIZE_FIELDS},
+            parameters=parameters,
+            compression=teacher.params / result["params"],
+            compression_embeddings=ratio(teacher_parameters["embedding_params"], parameters["embedding_params"]),
+            compression_non_embedding=ratio(teacher_parameters["non_embedding_params"],
+                                            parameters["non_embedding_params"]),
+            speedup=teacher.latency_ms / result["latency_ms"],
+            teacher_signals=get_method(spec.method).teacher_signals(),
+            epochs=len(epochs),
+            epoch_seconds=float(np.mean([h["epoch_seconds"] for h in epochs])) if epochs else None,
+            train_rows=train_rows[spec.name],
+            evaluate_dir=evaluations[spec.name].path,
+            early_exit=early_exit,
+        )
+    return Summary(experiment=exp.name, metric=primary_metric(exp.task.task_type == "regression"),
+                   data_dir=prepared["data"].path, teacher=teacher, students=students,
+                   ensemble=ensemble_summary(exp, prepared) if "ensemble_eval" in prepared else None)
 
 
-def summary_table(summary: dict) -> Table:
-    metric = summary["metric"]
-    table = Table(title=f"{summary['experiment']}: students against the teacher ({metric})")
+def summary_table(summary: Summary) -> Table:
+    metric = summary.metric
+    table = Table(title=f"{summary.experiment}: students against the teacher ({metric})")
     for column in ("model", "method", "layers", "params", "compression", f"dev {metric}", f"test {metric}",
                    "latency ms", "speedup", "s/epoch"):
         table.add_column(column, justify="left" if column in ("model", "method") else "right")
-    teacher = summary["teacher"]
-    table.add_row("teacher", "-", "-", f"{teacher['params'] / 1e6:.1f}M", "1.0×", f"{teacher['dev'][metric]:.4f}",
-                  f"{teacher['test'][metric]:.4f}", f"{teacher['latency_ms']:.1f}", "1.0×", "-", style="bold")
-    if "ensemble" in summary:
-        ensemble = summary["ensemble"]
-        table.add_row(f"ensemble of {len(ensemble['teachers'])}", "-", "-", "-", "-", f"{ensemble['dev'][metric]:.4f}",
-                      f"{ensemble['test'][metric]:.4f}", "-", "-", "-", style="bold")
-    rows = sorted(summary["students"].items(), key=lambda item: -item[1]["dev"][metric])
+    teacher = summary.teacher
+    table.add_row("teacher", "-", "-", f"{teacher.params / 1e6:.1f}M", "1.0×", f"{teacher.dev[metric]:.4f}",
+                  f"{teacher.test[metric]:.4f}", f"{teacher.latency_ms:.1f}", "1.0×", "-", style="bold")
+    if summary.ensemble is not None:
+        ensemble = summary.ensemble
+        table.add_row(f"ensemble of {len(ensemble.teachers)}", "-", "-", "-", "-", f"{ensemble.dev[metric]:.4f}",
+                      f"{ensemble.test[metric]:.4f}", "-", "-", "-", style="bold")
+    rows = sorted(summary.students.items(), key=lambda item: -item[1].dev[metric])
     for name, s in rows:
-        table.add_row(name, s["method"], str(s["layers"]), f"{s['params'] / 1e6:.1f}M", f"{s['compression']:.1f}×",
-                      f"{s['dev'][metric]:.4f}", f"{s['test'][metric]:.4f}", f"{s['latency_ms']:.1f}",
-                      f"{s['speedup']:.1f}×", f"{s['epoch_seconds']:.0f}" if s.get("epoch_seconds") else "-")
+        table.add_row(name, s.method, str(s.layers), f"{s.params / 1e6:.1f}M", f"{s.compression:.1f}×",
+                      f"{s.dev[metric]:.4f}", f"{s.test[metric]:.4f}", f"{s.latency_ms:.1f}",
+                      f"{s.speedup:.1f}×", f"{s.epoch_seconds:.0f}" if s.epoch_seconds else "-")
     return table
 
 
-def load_summaries(workdir: Path) -> list[dict]:
-    """Per-seed summaries of a run (``summaries/seed-N.json``), or its single ``summary.json``."""
+def write_summaries(workdir: Path, summaries: Sequence[Summary]) -> Path:
+    """Each seed's summary as ``summaries/seed-N.json`` and the first seed's as ``summary.json``, whose path this
+    returns."""
+    path = workdir / SUMMARY_FILE
+    summaries[0].write(path)
+    per_seed_dir = workdir / SEED_SUMMARIES
+    if per_seed_dir.exists():
+        shutil.rmtree(per_seed_dir)  # an earlier run with more seeds would otherwise leave its extra files behind
+    per_seed_dir.mkdir()
+    for offset, summary in enumerate(summaries):
+        summary.write(per_seed_dir / f"seed-{offset}.json")
+    return path
+
+
+def load_summaries(workdir: Path) -> list[Summary]:
+    """Per-seed summaries of a run (``summaries/seed-N.json``), or its single ``summary.json``. Raises
+    ``FileNotFoundError`` (``SummaryOutdated`` for a file of another schema) with what to run."""
     per_seed = sorted((workdir / SEED_SUMMARIES).glob("seed-*.json"), key=lambda p: int(p.stem.split("-")[1]))
     paths = per_seed or [workdir / SUMMARY_FILE]
     if not paths[0].exists():
         raise FileNotFoundError(f"{workdir} holds no {SUMMARY_FILE}: run `python -m pipeline run` first")
-    return [json.loads(path.read_text()) for path in paths]
+    return [Summary.read(path) for path in paths]
 
 
-def write_workdir_report(workdir: Path, summaries: list[dict]) -> ReportPaths:
+def write_workdir_report(workdir: Path, summaries: Sequence[Summary]) -> ReportPaths:
     """Collect predictions, labels and training costs named by the summaries, and write the report."""
     first = summaries[0]
-    test_labels = pd.read_parquet(Path(first["data_dir"]) / "test.parquet")["label"].to_numpy()
-    predictions = {name: [np.load(Path(s["students"][name]["evaluate_dir"]) / TEST_PREDICTIONS) for s in summaries]
-                   for name in first["students"]}
+    test_labels = pd.read_parquet(first.data_dir / "test.parquet")["label"].to_numpy()
+    predictions = {name: [np.load(s.students[name].evaluate_dir / TEST_PREDICTIONS) for s in summaries]
+                   for name in first.students}
     training = {}
-    for name, student in first["students"].items():
-        seconds = [s["students"][name]["epoch_seconds"] for s in summaries if s["students"][name]["epoch_seconds"]]
-        training[name] = training_cost(float(np.mean(seconds)) if seconds else 0.0, student["train_rows"],
-                                       student["epochs"], student["teacher_signals"])
+    for name, student in first.students.items():
+        seconds = [s.students[name].epoch_seconds for s in summaries if s.students[name].epoch_seconds]
+        training[name] = training_cost(float(np.mean(seconds)) if seconds else 0.0, student.train_rows,
+                                       student.epochs, student.teacher_signals)
     return write_report(workdir, summaries, predictions, test_labels, training)

@@ -1,9 +1,10 @@
 """A real two-node Ray cluster on this machine: the smoke pipeline submitted with ``ray job submit``, its soft-label
 actors and training workers spread over both nodes, tracked by a real ``mlflow server`` over HTTP.
 
-Each node offers one ``labeler`` and one ``trainer`` slot and the experiment asks for two label actors and two
-training workers, so a run that finishes must have used both nodes; the Ray state API then says where each
-actor ran. Every process is started here and stopped here by PID; the cluster has a temp dir and ports of its
+Each node offers one ``labeler`` and two ``trainer`` slots; the experiment asks for two label actors, and two
+students of two training workers each, up to two stages at once. A run that finishes has labelled on both nodes,
+and its two students, which only fit side by side on two nodes, trained at the same time; the Ray state API says
+where each actor ran and the stages' own start and end times show the overlap. Every process is started here and stopped here by PID; the cluster has a temp dir and ports of its
 own, so it neither sees nor disturbs another Ray on the machine.
 """
 
@@ -34,7 +35,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the ray and mlflow commands of this environment
-SLOTS = {"labeler": 1, "trainer": 1}
+SLOTS = {"labeler": 1, "trainer": 2}
 JOB_RUNTIME_ENV = {
     # The working dir Ray uploads: the code, not environments, runs or results (Ray also leaves out .git and
     # what .gitignore names).
@@ -176,13 +177,14 @@ def tiny_teacher_dir(path: Path, tokenizer) -> Path:
 
 
 def cluster_experiment(path: Path, teacher: Path, workdir: Path, tracking_uri: str) -> Path:
-    """The smoke profile with one student, two label actors and two training workers, one slot each."""
+    """The smoke profile's two students with two training workers each, two label actors, one slot each, and two
+    stages at once."""
     document = yaml.safe_load(SMOKE_CONFIG.read_text())
     document.update(name=f"multinode-{uuid.uuid4().hex[:6]}", workdir=str(workdir))
-    document["students"] = [s for s in document["students"] if s["name"] == "kd_2L"]
     document["teacher"]["source"] = str(teacher)
     document["label"].update(actors=2, resources={"labeler": 1})
-    document["ray"].update(num_workers=2, resources_per_worker={"trainer": 1}, torch_threads=1)
+    document["ray"].update(num_workers=2, resources_per_worker={"trainer": 1}, torch_threads=1,
+                           max_concurrent_stages=2)
     document["mlflow"] = {"tracking_uri": tracking_uri}
     path.write_text(yaml.safe_dump(document))
     return path
@@ -235,6 +237,10 @@ def test_submitted_pipeline_spreads_over_two_nodes(tmp_path, tiny_tokenizer):
             assert all(run.info.status == "FINISHED" for run in runs)
             distilled = by_name["distill kd_2L (kd)"].info.run_id
             assert client.list_artifacts(distilled, "student"), "the student must be uploaded to the server"
+            spans = [(by_name[stage].data.metrics["started_at"], by_name[stage].data.metrics["finished_at"])
+                     for stage in ("distill kd_2L (kd)", "distill finetune_2L (finetune)")]
+            (start_a, end_a), (start_b, end_b) = spans
+            assert start_a < end_b and start_b < end_a, f"the two students trained one after the other: {spans}"
             assert any((tmp_path / "mlflow" / "artifacts").rglob("model.safetensors"))
         assert not processes_under(temp_dir), "every process of the test cluster must be stopped"
     finally:

@@ -33,7 +33,8 @@ from kd.mobilebert import BottleneckBertConfig, BottleneckBertForSequenceClassif
 from pipeline.artifacts import ArtifactStore, content_key
 from pipeline.cli import app
 from pipeline.config import load_experiment
-from pipeline.summary import SUMMARY_FILE
+from pipeline.summary import write_summaries
+from pipeline.summary_schema import StudentSummary, Summary, TeacherSummary
 from pipeline.tracking import RUN_FILE, Tracker, remember_run
 from stages import register
 from stages.layout import STUDENT_DIR
@@ -264,16 +265,20 @@ def test_mlflow_models_serve_answers_with_the_labels_of_the_loaded_model(registr
 # --- pipeline register WORKDIR STUDENT ------------------------------------------------------------------------
 
 
-def summary_entry(spec, dev: float, latency_ms: float, workdir: Path) -> dict:
-    """A student of summary.json, with the fields pipeline.summary.build_summary records."""
-    parameters = {"params": 50_000, "embedding_params": 20_000, "non_embedding_params": 30_000, "vocab_size": 21,
-                  "hidden_size": 16}
-    return {"method": spec.method, "layers": spec.student.layers, "hidden_size": None, "soft_labels": spec.soft_labels,
-            "dev": {"accuracy": dev, "f1": dev, "mcc": 0.2}, "test": {"accuracy": dev - 0.05, "f1": dev, "mcc": 0.2},
-            "params": 50_000, "size_bytes": 200_000, "latency_ms": latency_ms, "throughput": 8000 / latency_ms,
-            "parameters": parameters, "compression": 2.0, "compression_embeddings": 1.0,
-            "compression_non_embedding": 3.0, "speedup": 10.0 / latency_ms, "teacher_signals": "cached", "epochs": 1,
-            "epoch_seconds": 3.0, "train_rows": 160, "evaluate_dir": str(workdir / "artifacts" / "evaluate" / spec.name)}
+PARAMETERS = {"params": 50_000, "embedding_params": 20_000, "word_embedding_params": 19_000,
+              "non_embedding_params": 30_000, "vocab_size": 21, "hidden_size": 16}
+
+
+def summary_entry(spec, dev: float, latency_ms: float, workdir: Path) -> StudentSummary:
+    """A student of summary.json."""
+    return StudentSummary(
+        method=spec.method, layers=spec.student.layers, init={"from": spec.student.init_from, "layers": "uniform"},
+        selected_epoch=1, hidden_size=None, soft_labels=spec.soft_labels,
+        dev={"accuracy": dev, "f1": dev, "mcc": 0.2}, test={"accuracy": dev - 0.05, "f1": dev, "mcc": 0.2},
+        params=50_000, size_bytes=200_000, latency_ms=latency_ms, throughput=8000 / latency_ms, parameters=PARAMETERS,
+        compression=2.0, compression_embeddings=1.0, compression_non_embedding=3.0, speedup=10.0 / latency_ms,
+        teacher_signals="cached", epochs=1, epoch_seconds=3.0, train_rows=160,
+        evaluate_dir=workdir / "artifacts" / "evaluate" / spec.name)
 
 
 def record_run(exp, store: ArtifactStore, tokenizer):
@@ -305,13 +310,14 @@ def finished_workdir(tmp_path_factory, tiny_tokenizer):
     with tracking_at(exp.tracking_uri):
         run = record_run(exp, store, tiny_tokenizer)
     first, second = exp.students
-    summary = {"experiment": exp.name, "metric": "accuracy", "data_dir": str(workdir / "artifacts" / "data" / "x"),
-               "teacher": {"source": exp.teacher.source, "fine_tuned": True, "dev": {"accuracy": 0.9},
-                           "test": {"accuracy": 0.88}, "params": 100_000, "size_bytes": 400_000, "latency_ms": 10.0,
-                           "throughput": 800.0},
-               "students": {first.name: summary_entry(first, 0.80, 5.0, workdir),
-                            second.name: summary_entry(second, 0.70, 2.0, workdir)}}
-    (workdir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    teacher = TeacherSummary(source=exp.teacher.source, fine_tuned=True, dev={"accuracy": 0.9},
+                             test={"accuracy": 0.88}, params=100_000, size_bytes=400_000, latency_ms=10.0,
+                             throughput=800.0,
+                             parameters={**PARAMETERS, "params": 100_000, "non_embedding_params": 80_000})
+    summary = Summary(experiment=exp.name, metric="accuracy", data_dir=workdir / "artifacts" / "data" / "x",
+                      teacher=teacher, students={first.name: summary_entry(first, 0.80, 5.0, workdir),
+                                                 second.name: summary_entry(second, 0.70, 2.0, workdir)})
+    write_summaries(workdir, [summary])
     return exp, run.info.run_id
 
 

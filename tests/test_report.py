@@ -4,31 +4,46 @@ from __future__ import annotations
 
 import io
 from math import comb
+from pathlib import Path
 
 import numpy as np
 import pytest
 from rich.console import Console
 
-from pipeline.report import (EARLY_EXIT_FILE, Spread, find_baseline, mcnemar, paired_tests, report_table, student_rows,
-                             training_cost, write_report)
+from pipeline.report import EARLY_EXIT_FILE, report_table, write_report
+from pipeline.report_stats import (Spread, find_baseline, find_teacher_layers_baseline, holm, mcnemar, paired_tests,
+                                   seed_tests, student_rows, training_cost)
+from pipeline.summary_schema import Init, ParameterBreakdown, StudentSummary, Summary, TeacherSummary
 
 N_TEST = 100
 
 
+def breakdown(params: int, hidden_size: int = 384) -> ParameterBreakdown:
+    return ParameterBreakdown(params=params, embedding_params=params // 2, word_embedding_params=params // 2 - 1000,
+                              non_embedding_params=params - params // 2, vocab_size=30522, hidden_size=hidden_size)
+
+
 def student(method: str, layers: int, dev: float, test: float, hidden_size: int | None = None,
-            params: int = 10_000_000, latency_ms: float = 20.0) -> dict:
-    return {"method": method, "layers": layers, "hidden_size": hidden_size, "dev": {"accuracy": dev},
-            "test": {"accuracy": test}, "params": params, "size_bytes": params * 4, "latency_ms": latency_ms,
-            "throughput": 32_000 / latency_ms, "compression": 20_000_000 / params, "speedup": 60.0 / latency_ms}
+            params: int = 10_000_000, latency_ms: float = 20.0, init_from: str = "teacher",
+            metric: str = "accuracy") -> StudentSummary:
+    return StudentSummary(
+        method=method, layers=layers, init=Init(from_=init_from, layers="uniform"), selected_epoch=3,
+        hidden_size=hidden_size, soft_labels="teacher", dev={metric: dev}, test={metric: test}, params=params,
+        size_bytes=params * 4, latency_ms=latency_ms, throughput=32_000 / latency_ms,
+        parameters=breakdown(params, hidden_size or 384), compression=20_000_000 / params,
+        compression_embeddings=2.0, compression_non_embedding=2.0, speedup=60.0 / latency_ms,
+        teacher_signals="none" if method == "finetune" else "cached", epochs=3, epoch_seconds=12.5, train_rows=1_000,
+        evaluate_dir=Path("evaluate"))
 
 
-def summary(students: dict, teacher_test: float = 0.90, metric: str = "accuracy") -> dict:
-    teacher = {"source": "package:teacher", "fine_tuned": True, "dev": {metric: 0.91}, "test": {metric: teacher_test},
-               "params": 20_000_000, "size_bytes": 80_000_000, "latency_ms": 60.0, "throughput": 533.0}
-    return {"experiment": "synthetic", "metric": metric, "teacher": teacher, "students": students}
+def summary(students: dict, teacher_test: float = 0.90, metric: str = "accuracy") -> Summary:
+    teacher = TeacherSummary(source="package:teacher", fine_tuned=True, dev={metric: 0.91},
+                             test={metric: teacher_test}, params=20_000_000, size_bytes=80_000_000, latency_ms=60.0,
+                             throughput=533.0, parameters=breakdown(20_000_000))
+    return Summary(experiment="synthetic", metric=metric, data_dir=Path("data"), teacher=teacher, students=students)
 
 
-def one_seed() -> dict:
+def one_seed() -> Summary:
     return summary({
         "kd_3L": student("kd", 3, dev=0.86, test=0.855, latency_ms=30.0),
         "finetune_3L": student("finetune", 3, dev=0.85, test=0.84, latency_ms=30.0),
@@ -74,7 +89,7 @@ def test_retention_and_gain_columns():
 
 
 def test_finetune_is_matched_by_layers_and_hidden_size():
-    students = one_seed()["students"]
+    students = one_seed().students
     assert find_baseline("kd_3L", students, "accuracy") == "finetune_3L"
     assert find_baseline("kd_3L_128", students, "accuracy") == "finetune_3L_128"
     assert find_baseline("kd_4L", students, "accuracy") is None
@@ -84,7 +99,7 @@ def test_finetune_is_matched_by_layers_and_hidden_size():
     assert find_baseline("kd_3L", students, "accuracy") == "finetune_3L_lr"
 
 
-def three_seeds() -> list[dict]:
+def three_seeds() -> list[Summary]:
     """``kd_3L`` beats its baseline by 1 point, less than the spread; ``pkd_3L`` by 10 points, far above it."""
     kd, finetune, pkd = (0.80, 0.83, 0.86), (0.81, 0.82, 0.83), (0.90, 0.91, 0.92)
     return [summary({"kd_3L": student("kd", 3, dev=0.8, test=kd[i]),
@@ -124,11 +139,11 @@ def test_write_report_files_and_markdown(tmp_path):
     summaries = three_seeds()
     rng = np.random.default_rng(0)
     predictions = {name: [logits_for(rng.random(N_TEST) < 0.85, labels) for _ in summaries]
-                   for name in summaries[0]["students"]}
+                   for name in summaries[0].students}
     stale = tmp_path / "run" / EARLY_EXIT_FILE  # an earlier experiment's FastBERT plot in the same workdir
     stale.parent.mkdir()
     stale.write_bytes(b"\x89PNG")
-    paths = write_report(tmp_path / "run", summaries, predictions, labels, costs(summaries[0]["students"]))
+    paths = write_report(tmp_path / "run", summaries, predictions, labels, costs(summaries[0].students))
     assert paths.early_exit_png is None and not stale.exists()
     for png in (paths.pareto_png, paths.cost_png):
         assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
@@ -149,24 +164,22 @@ def test_write_report_files_and_markdown(tmp_path):
 def test_write_report_single_seed_and_missing_cost(tmp_path):
     labels = np.arange(N_TEST) % 2
     single = one_seed()
-    predictions = {name: [logits_for(np.ones(N_TEST, dtype=bool), labels)] for name in single["students"]}
-    text = write_report(tmp_path, [single], predictions, labels, costs(single["students"])).markdown.read_text()
+    predictions = {name: [logits_for(np.ones(N_TEST, dtype=bool), labels)] for name in single.students}
+    text = write_report(tmp_path, [single], predictions, labels, costs(single.students)).markdown.read_text()
     assert "| kd_4L | kd | teacher | 4 | full | 10.0M | 2.0× | 87.0 | 87.0 | 96.7% | 40.0 | 1.5× | - |" in text
     assert "| finetune_3L | finetune | teacher | 3 | full |" in text and "| baseline |" in text
     assert "within noise" not in text.split("### Noise")[0]
     with pytest.raises(ValueError, match="no training cost for kd_4L"):
         write_report(tmp_path, [single], predictions, labels,
-                     {k: v for k, v in costs(single["students"]).items() if k != "kd_4L"})
+                     {k: v for k, v in costs(single.students).items() if k != "kd_4L"})
 
 
 def test_regression_report_has_no_paired_test(tmp_path):
-    regression = summary({"kd_3L": student("kd", 3, dev=0.8, test=0.8),
-                          "finetune_3L": student("finetune", 3, dev=0.7, test=0.7)}, metric="pearson")
-    for s in regression["students"].values():
-        s["dev"], s["test"] = {"pearson": s["dev"]["accuracy"]}, {"pearson": s["test"]["accuracy"]}
+    regression = summary({"kd_3L": student("kd", 3, dev=0.8, test=0.8, metric="pearson"),
+                          "finetune_3L": student("finetune", 3, dev=0.7, test=0.7, metric="pearson")}, metric="pearson")
     scores = np.zeros((N_TEST, 1))
     text = write_report(tmp_path, [regression], {"kd_3L": [scores], "finetune_3L": [scores]}, np.zeros(N_TEST),
-                        costs(regression["students"])).markdown.read_text()
+                        costs(regression.students)).markdown.read_text()
     assert "does not apply to pearson" in text and "good to about" not in text
 
 
@@ -188,21 +201,15 @@ def test_report_table_for_the_terminal():
 
 
 def test_holm_adjusts_step_down_and_stays_monotone():
-    from pipeline.report import holm
-
     assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
     assert holm([0.5, 0.001]) == pytest.approx([0.5, 0.002])
     assert holm([0.9, 0.8]) == pytest.approx([1.0, 1.0])
 
 
 def test_headline_baseline_is_finetune_from_the_pretrained_checkpoint_and_teacher_layers_a_second_row():
-    from pipeline.report import find_teacher_layers_baseline
-
-    def student(method, init, dev):
-        return {"method": method, "layers": 3, "hidden_size": None, "init": {"from": init}, "dev": {"accuracy": dev}}
-
-    students = {"finetune_3L": student("finetune", "pretrained", 0.80), "finetune_3L_teacher": student("finetune", "teacher", 0.85),
-                "kd_3L": student("kd", "teacher", 0.84)}
+    students = {"finetune_3L": student("finetune", 3, dev=0.80, test=0.80, init_from="pretrained"),
+                "finetune_3L_teacher": student("finetune", 3, dev=0.85, test=0.85),
+                "kd_3L": student("kd", 3, dev=0.84, test=0.84)}
     # The teacher-layer finetune is better on dev, but it is not what a user would do without a teacher.
     assert find_baseline("kd_3L", students, "accuracy") == "finetune_3L"
     assert find_teacher_layers_baseline("kd_3L", students, "accuracy") == "finetune_3L_teacher"
@@ -213,14 +220,12 @@ def test_headline_baseline_is_finetune_from_the_pretrained_checkpoint_and_teache
 def test_seed_tests_pair_seeds_and_correct_for_the_students_compared():
     from scipy.stats import ttest_rel
 
-    from pipeline.report import holm, seed_tests
-
     summaries = three_seeds()
     tests = {t.student: t for t in seed_tests(summaries)}
     assert set(tests) == {row.name for row in student_rows(summaries) if row.baseline}
     kd = tests["kd_3L"]
-    student = [x["students"]["kd_3L"]["test"]["accuracy"] for x in summaries]
-    base = [x["students"][kd.baseline]["test"]["accuracy"] for x in summaries]
+    student = [x.students["kd_3L"].test["accuracy"] for x in summaries]
+    base = [x.students[kd.baseline].test["accuracy"] for x in summaries]
     raw = {name: t.p_value for name, t in tests.items()}
     assert kd.p_value == pytest.approx(ttest_rel(student, base).pvalue)
     assert [t.p_holm for t in tests.values()] == pytest.approx(holm(list(raw.values())))

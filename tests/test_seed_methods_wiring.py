@@ -25,6 +25,7 @@ from pipeline.preflight import check_students_fit_teacher
 from pipeline.report import EARLY_EXIT_FILE, early_exit_curves, write_report
 from pipeline.runner import corpus_key, student_corpus
 from pipeline.summary import with_timing
+from pipeline.summary_schema import Summary
 from stages import vocabulary
 from stages.label import EnsemblePredictor, TeacherPredictor
 from stages.models import load_tokenizer
@@ -204,7 +205,9 @@ def seed_summary(accuracy_shift: float = 0.0) -> dict:
     base = {"layers": 6, "hidden_size": None, "dev": {"accuracy": 0.8}, "test": {"accuracy": 0.8 + accuracy_shift},
             "params": 20_000_000, "size_bytes": 1, "latency_ms": 60.0, "throughput": 1.0, "compression": 1.0,
             "compression_embeddings": 1.0, "compression_non_embedding": 1.0, "speedup": 1.0,
-            "parameters": parameters(20_000_000, 12_000_000, 30522)}
+            "parameters": parameters(20_000_000, 12_000_000, 30522), "init": {"from": "teacher", "layers": "uniform"},
+            "selected_epoch": 1, "teacher_signals": "cached", "epochs": 1, "epoch_seconds": 1.0, "train_rows": 10,
+            "evaluate_dir": "evaluate"}
     sweep = [{"speed": speed, "dev_accuracy": 0.8 - speed / 10, "test_accuracy": 0.8 - speed / 10 + accuracy_shift,
               "avg_exit_layer": 6 - 5 * speed, "latency_ms": 60 - 40 * speed, "speedup": 60 / (60 - 40 * speed)}
              for speed in (0.0, 0.5, 1.0)]
@@ -220,20 +223,20 @@ def seed_summary(accuracy_shift: float = 0.0) -> dict:
     ensemble = {"teachers": [{"source": "a", "seed": 0, "dev": {"accuracy": 0.9}, "test": {"accuracy": 0.9}},
                              {"source": "a", "seed": 1, "dev": {"accuracy": 0.88}, "test": {"accuracy": 0.89}}],
                 "dev": {"accuracy": 0.91}, "test": {"accuracy": 0.92}}
-    return {"experiment": "seeds", "metric": "accuracy", "teacher": teacher, "students": students,
-            "ensemble": ensemble}
+    return {"experiment": "seeds", "metric": "accuracy", "data_dir": "data", "teacher": teacher,
+            "students": students, "ensemble": ensemble}
 
 
 def test_early_exit_curves_average_each_threshold_over_seeds():
-    curves = early_exit_curves([seed_summary(0.0), seed_summary(0.02)])
+    curves = early_exit_curves([Summary.model_validate(seed_summary(shift)) for shift in (0.0, 0.02)])
     assert list(curves) == ["fast"] and [p["speed"] for p in curves["fast"]] == [0.0, 0.5, 1.0]
     assert curves["fast"][1]["test_accuracy"] == pytest.approx(0.76) and curves["fast"][1]["speedup"] == 1.5
 
 
 def test_report_has_the_sweep_table_and_plot_the_ensemble_and_the_parameters(tmp_path):
-    summaries = [seed_summary()]
+    summaries = [Summary.model_validate(seed_summary())]
     labels = np.zeros(10, dtype=int)
-    predictions = {name: [np.zeros((10, 2))] for name in summaries[0]["students"]}
+    predictions = {name: [np.zeros((10, 2))] for name in summaries[0].students}
     training = {name: {"epoch_seconds": 1.0, "teacher_forwards": 0, "teacher": "none"} for name in predictions}
     paths = write_report(tmp_path, summaries, predictions, labels, training)
     assert paths.early_exit_png == tmp_path / EARLY_EXIT_FILE and paths.early_exit_png.stat().st_size > 1000
@@ -247,13 +250,14 @@ def test_report_has_the_sweep_table_and_plot_the_ensemble_and_the_parameters(tmp
 
 def test_report_without_seed_methods_has_none_of_their_sections(tmp_path):
     summary = seed_summary()
-    del summary["ensemble"], summary["students"]["fast"]["early_exit"], summary["teacher"]["parameters"]
-    predictions = {name: [np.zeros((10, 2))] for name in summary["students"]}
+    del summary["ensemble"], summary["students"]["fast"]["early_exit"]
+    summary = Summary.model_validate(summary)
+    predictions = {name: [np.zeros((10, 2))] for name in summary.students}
     training = {name: {"epoch_seconds": 1.0, "teacher_forwards": 0, "teacher": "none"} for name in predictions}
     paths = write_report(tmp_path, [summary], predictions, np.zeros(10, dtype=int), training)
     report = paths.markdown.read_text()
     assert paths.early_exit_png is None and not (tmp_path / EARLY_EXIT_FILE).exists()
-    assert "Early exit" not in report and "Teacher ensemble" not in report and "embedding tables" not in report
+    assert "Early exit" not in report and "Teacher ensemble" not in report
 
 
 def test_fresh_timing_replaces_latencies_and_each_early_exit_latency():

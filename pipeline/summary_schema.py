@@ -1,0 +1,150 @@
+"""``summary.json``: what one seed of a run measured, the teacher and every student (and the ensemble), as one
+typed and versioned model. ``pipeline.summary`` builds it and writes it to the workdir; the report, the registry
+and the benchmarks read it back through ``Summary.read``, so a field is named and typed here and nowhere else.
+
+Version 1 is the shape the pipeline has written since the fair protocol gave each student its ``init`` and
+``selected_epoch``. A file without ``schema_version`` was written before the version was recorded: it is read as
+version 1, and one that lacks a version-1 field is refused with the way to rewrite it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from kd.students import InitStrategy
+
+SCHEMA_VERSION = 1
+REWRITE = ("rerun `python -m pipeline run` with the run's config, which recomputes none of the stages cached in "
+           "the workdir and rewrites the summaries")
+
+# A task's metrics by name: accuracy, F1 and MCC, or Pearson and Spearman for regression.
+Metrics = dict[str, float]
+
+
+def _absent(value) -> bool:
+    return value is None
+
+
+class _Record(BaseModel):
+    # NaN written as json.dumps writes it: a regression metric of a constant prediction is NaN, not a missing value.
+    model_config = ConfigDict(extra="forbid", validate_by_name=True, serialize_by_alias=True,
+                              ser_json_inf_nan="constants")
+
+
+class ParameterBreakdown(_Record):
+    """A saved model's parameters, in all and split at its embedding tables (word, position, token type)."""
+
+    params: int
+    embedding_params: int
+    word_embedding_params: int
+    non_embedding_params: int
+    vocab_size: int
+    hidden_size: int
+
+
+class TeacherSummary(_Record):
+    source: str
+    fine_tuned: bool
+    dev: Metrics
+    test: Metrics
+    params: int
+    size_bytes: int
+    latency_ms: float
+    throughput: float
+    parameters: ParameterBreakdown
+
+
+class Init(_Record):
+    """Where a student's weights started: the fine-tuned teacher's or the pre-trained checkpoint's layers, which."""
+
+    from_: Literal["teacher", "pretrained"] = Field(alias="from")
+    layers: InitStrategy | list[int]
+
+
+class EarlyExitPoint(_Record):
+    """FastBERT at one exit threshold (``speed``); the mean exit layer and the latency are on test."""
+
+    speed: float
+    dev_accuracy: float
+    test_accuracy: float
+    avg_exit_layer: float
+    latency_ms: float
+    speedup: float
+
+
+class StudentSummary(_Record):
+    method: str
+    layers: int
+    init: Init
+    selected_epoch: int | None
+    hidden_size: int | None  # None: the teacher's width
+    soft_labels: Literal["teacher", "ensemble"]
+    dev: Metrics
+    test: Metrics
+    params: int
+    size_bytes: int
+    latency_ms: float
+    throughput: float
+    parameters: ParameterBreakdown
+    compression: float
+    compression_embeddings: float
+    compression_non_embedding: float
+    speedup: float
+    teacher_signals: Literal["cached", "online", "none"]
+    epochs: int
+    epoch_seconds: float | None  # None when no epoch was evaluated on dev
+    train_rows: int
+    evaluate_dir: Path
+    # Only a FastBERT student has a threshold sweep; the others' files have no such key.
+    early_exit: list[EarlyExitPoint] | None = Field(default=None, exclude_if=_absent)
+
+
+class EnsembleMember(_Record):
+    source: str
+    seed: int
+    dev: Metrics
+    test: Metrics
+
+
+class EnsembleSummary(_Record):
+    teachers: list[EnsembleMember]
+    dev: Metrics
+    test: Metrics
+
+
+class SummaryOutdated(FileNotFoundError):
+    """The workdir's summary is not one this code reads. A FileNotFoundError because, like a missing summary, a run
+    of the pipeline writes it, and the CLI and the registry already say so in one line."""
+
+
+class Summary(_Record):
+    schema_version: Literal[SCHEMA_VERSION] = SCHEMA_VERSION
+    experiment: str
+    metric: Literal["accuracy", "pearson"]
+    data_dir: Path
+    teacher: TeacherSummary
+    students: dict[str, StudentSummary]
+    # Only a run with a teacher ensemble has this section.
+    ensemble: EnsembleSummary | None = Field(default=None, exclude_if=_absent)
+
+    def write(self, path: Path) -> None:
+        path.write_text(json.dumps(self.model_dump(mode="json"), indent=2))
+
+    @classmethod
+    def read(cls, path: Path) -> Summary:
+        data = json.loads(path.read_text())
+        version = data.get("schema_version", SCHEMA_VERSION)
+        if version != SCHEMA_VERSION:
+            raise SummaryOutdated(f"{path} has summary schema version {version}; this code reads version "
+                                  f"{SCHEMA_VERSION}; {REWRITE}")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as error:
+            first = error.errors()[0]
+            where = ".".join(str(part) for part in first["loc"])
+            raise SummaryOutdated(f"{path} is not a version-{SCHEMA_VERSION} summary ({where}: {first['msg']}); "
+                                  f"{REWRITE}") from None
