@@ -292,7 +292,7 @@ class PipelineRunner:
             refs[corpus_key("mlm_topk", data_name, temperature)] = self.add(StageNode(
                 "masked-LM top-k" + ("" if data_name == "task" else f" ({data_name})")
                 + ("" if temperature is None else f" (ensemble, T={temperature:g})"), "mlm_topk", mlm_topk.run,
-                mlm_topk.Config.of(exp, teacher=teacher_block),
+                mlm_topk.Config.of(exp, teacher=teacher_block, k=exp.label.mlm_top_k),
                 {"label": refs[corpus_key("label", data_name, temperature)], "mlm_teacher": refs["mlm_teacher"]}))
         refs["teacher_eval"] = self.add(StageNode(
             "evaluate teacher", "evaluate", evaluate.run, evaluate.Config.of(exp, teacher=teacher_block),
@@ -357,9 +357,10 @@ class PipelineRunner:
                 self.student_refs(refs, spec, distills), code=(get_method(spec.method).__module__,),
                 params=spec.model_dump(mode="json"), tags={"method": spec.method},
                 artifacts=lambda art: {"student": art.path / STUDENT_DIR}))
+            sweeps = exp.evaluate.exit_speeds if get_method(spec.method).exits_early else []
             evaluation = self.add(StageNode(
                 f"evaluate {spec.name}{suffix}", "evaluate", evaluate.run,
-                evaluate.Config.of(exp, teacher=without_mlm(exp.teacher)),
+                evaluate.Config.of(exp, teacher=without_mlm(exp.teacher), exit_speeds=sweeps),
                 {"model": distills[spec.name], "data": refs["data"]}))
             planned[spec.name] = (spec, distills[spec.name], evaluation)
         return planned

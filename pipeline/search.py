@@ -11,13 +11,14 @@ from mlflow.tracking import MlflowClient
 from rich.console import Console
 from rich.table import Table
 
+from kd.methods import get_method
 from pipeline import tune_trials as tune_stage
 from pipeline.artifacts import content_key
 from pipeline.config import ConfigError, Experiment
 from pipeline.pareto import pareto_front, plot_pareto
-from pipeline.runner import PipelineRunner
+from pipeline.runner import PipelineRunner, without_mlm
 from pipeline.search_space import load_space
-from stages import register
+from stages import evaluate, register
 from stages.layout import STUDENT_DIR
 
 SEARCH_FILE = "trials.json"
@@ -107,7 +108,9 @@ def run_tune(exp: Experiment, method: str, student: str | None = None, console: 
         best = results.get_best_result(metric=metric, mode=space.mode)
         best_dir = tune_stage.student_dir_of(best)
         best_record = next(r for r in records if r["student_dir"] == str(best_dir))
-        evaluation, _ = ray.get(evaluator.evaluate.remote(str(best_dir), str(prepared["data"].path), exp))
+        sweeps = exp.evaluate.exit_speeds if get_method(method).exits_early else []
+        evaluation_config = evaluate.Config.of(exp, teacher=without_mlm(exp.teacher), exit_speeds=sweeps)
+        evaluation, _ = ray.get(evaluator.evaluate.remote(str(best_dir), str(prepared["data"].path), evaluation_config))
         speedup = teacher_latency / evaluation["latency_ms"]
         mlflow.log_metrics({f"best_dev_{k}": v for k, v in evaluation["dev"].items()}
                            | {f"best_test_{k}": v for k, v in evaluation["test"].items()}

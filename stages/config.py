@@ -149,8 +149,10 @@ class LabelConfig(Strict):
         "lets a lone actor use a small machine's idle cores while Ray Data's read tasks keep a CPU to run on.")
     resources: dict[str, float] = Field(default_factory=dict, json_schema_extra=UNKEYED,
                                         description="Custom Ray resources per actor, e.g. {teacher_labeler: 1}.")
-    mlm_top_k: int = Field(default=16, ge=1, description="TextSmooth: the masked-LM ids kept per token (stage mlm_topk, "
-                           "run on the same actor pool settings).")
+    # Keyed by the mlm_topk stage that reads it (its own ``k``), not by the label stage beside it.
+    mlm_top_k: int = Field(default=16, ge=1, json_schema_extra=UNKEYED,
+                           description="TextSmooth: the masked-LM ids kept per token (stage mlm_topk, run on the same "
+                           "actor pool settings).")
 
 
 class AugmentConfig(AugmentSettings):
@@ -261,8 +263,9 @@ class EvaluateConfig(Strict):
     latency_repeats: int = Field(default=10, ge=1)
     threads: int | None = Field(default=None, ge=1, json_schema_extra=UNKEYED,
                                 description="Torch threads when timing (None: all cores).")
+    # Keyed by the evaluations that sweep them (stages.evaluate.Config.exit_speeds), and only those.
     exit_speeds: list[Annotated[float, Field(ge=0, le=1)]] = Field(
-        default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8], min_length=1,
+        default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8], min_length=1, json_schema_extra=UNKEYED,
         description="FastBERT students: the entropy thresholds swept at evaluation (0: no early exit).")
 
 
@@ -280,7 +283,9 @@ class StageConfig(BaseModel):
         unknown = set(given) - set(cls.model_fields)
         if unknown:
             raise TypeError(f"{cls.__module__}.{cls.__name__} has no field(s) {sorted(unknown)}")
-        values = {name: given[name] if name in given else getattr(experiment, name) for name in cls.model_fields}
+        # A field the experiment has no section for (an evaluation's exit_speeds) keeps its default unless given.
+        values = {name: given[name] if name in given else getattr(experiment, name) for name in cls.model_fields
+                  if name in given or hasattr(experiment, name)}
         return cls.model_validate(values)
 
     def key_values(self) -> dict:

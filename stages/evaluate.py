@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import ray
 import torch
+from pydantic import Field
 
 from kd.batching import LABEL, Collator, iterate_frame
 from kd.ensemble import ensemble_logits
@@ -26,9 +27,13 @@ TEST_PREDICTIONS = "test_predictions.npy"
 
 
 class Config(StageConfig):
+    """``exit_speeds``: the early-exit thresholds this evaluation sweeps, empty for a model that does not exit
+    early (a plain classifier's evaluation does not depend on them)."""
+
     task: TaskConfig
     teacher: TeacherConfig
     evaluate: EvaluateConfig
+    exit_speeds: list[float] = Field(default_factory=list)
 
 
 class EnsembleEvaluationConfig(Config):
@@ -49,9 +54,9 @@ def latency_batch(collator: Collator, test: pd.DataFrame, batch_size: int) -> di
     return collator.encode(next(iterate_frame(test.head(batch_size), batch_size)))
 
 
-def exit_paths(model: FastBertForSequenceClassification, cfg) -> list[EarlyExit]:
-    """FastBERT's early-exit path at each of ``evaluate.exit_speeds``, callable as a plain model."""
-    return [EarlyExit(model, speed) for speed in cfg.evaluate.exit_speeds]
+def exit_paths(model: FastBertForSequenceClassification, speeds: list[float]) -> list[EarlyExit]:
+    """FastBERT's early-exit path at each of ``speeds``, callable as a plain model."""
+    return [EarlyExit(model, speed) for speed in speeds]
 
 
 def time_saved_models(model_dirs: list[str], data_dir: str, cfg, early_exit: bool = False) -> list[dict]:
@@ -64,7 +69,8 @@ def time_saved_models(model_dirs: list[str], data_dir: str, cfg, early_exit: boo
     for index, model_dir in enumerate(model_dirs):
         model = load_classifier(model_dir, cfg.task.num_labels)
         batch = latency_batch(model_collator(model_dir, cfg), test, cfg.evaluate.latency_batch_size)
-        paths = exit_paths(model, cfg) if early_exit and isinstance(model, FastBertForSequenceClassification) else []
+        paths = (exit_paths(model, cfg.evaluate.exit_speeds)
+                 if early_exit and isinstance(model, FastBertForSequenceClassification) else [])
         results.append({"params": count_parameters(model), **({"early_exit_latency_ms": []} if paths else {})})
         entries += [(index, module, batch) for module in [model, *paths]]
     timings = measure_latencies([module for _, module, _ in entries], [batch for *_, batch in entries],
@@ -86,8 +92,8 @@ def early_exit_sweep(model: FastBertForSequenceClassification, collator: Collato
     for split, frame in frames.items():
         frame = frame.iloc[length_order(frame)]
         batches = [collator.encode(rows) for rows in iterate_frame(frame, cfg.evaluate.batch_size)]
-        sweeps[split] = speed_sweep(model, batches, frame[LABEL].to_numpy(), cfg.evaluate.exit_speeds)
-    paths = exit_paths(model, cfg)
+        sweeps[split] = speed_sweep(model, batches, frame[LABEL].to_numpy(), cfg.exit_speeds)
+    paths = exit_paths(model, cfg.exit_speeds)
     batch = latency_batch(collator, frames["test"], cfg.evaluate.latency_batch_size)
     latencies = [timing["latency_ms"] for timing in measure_latencies(
         paths, [batch] * len(paths), repeats=cfg.evaluate.latency_repeats, threads=cfg.evaluate.threads)]
@@ -115,7 +121,7 @@ def evaluate_model(model_dir: str, data_dir: str, cfg) -> tuple[dict, np.ndarray
         throughput=timing["throughput"],
         latency_batch_size=timing["batch_size"],
     )
-    if isinstance(model, FastBertForSequenceClassification):
+    if cfg.exit_speeds and isinstance(model, FastBertForSequenceClassification):
         result["early_exit"] = early_exit_sweep(model, collator, frames, cfg)
     return result, predictions["test"]
 

@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 import torch
+from pydantic import Field
 
 from kd.batching import TEXT_A, TEXT_B, Collator
 from kd.mlm import masked_lm_from, topk_per_position
@@ -64,6 +65,7 @@ class TopKPredictor:
 class Config(StageConfig):
     teacher: TeacherConfig
     label: LabelConfig
+    k: int = Field(ge=1, description="Masked-LM ids kept per token (label.mlm_top_k).")
 
 
 def run(cfg: Config, inputs, ctx, out: Path) -> dict:
@@ -71,11 +73,11 @@ def run(cfg: Config, inputs, ctx, out: Path) -> dict:
     with_topk = source.map_batches(
         TopKPredictor,
         fn_constructor_kwargs={"model_dir": str(inputs["mlm_teacher"].path / MLM_DIR),
-                               "max_length": cfg.teacher.max_length, "k": cfg.label.mlm_top_k,
+                               "max_length": cfg.teacher.max_length, "k": cfg.k,
                                "threads": teacher_threads(cfg)},
         batch_format="pyarrow",
         **teacher_pool(cfg),
     )
     with_topk.write_parquet(str(out / "data"))
     rows = ray.data.read_parquet(str(out / "data")).count()
-    return {"rows": rows, "k": cfg.label.mlm_top_k}
+    return {"rows": rows, "k": cfg.k}

@@ -40,7 +40,7 @@ def test_summary_reports_teacher_and_students(smoke_run):
 def test_report_is_written_and_logged(smoke_run):
     exp, _, summary = smoke_run
     report = (exp.workdir / "report.md").read_text()
-    assert "| kd_2L | kd | 2 |" in report and "McNemar" in report
+    assert "| kd_2L | kd | teacher | 2 |" in report and "McNemar" in report
     assert (exp.workdir / "report_pareto.png").stat().st_size > 1000
     assert summary["students"]["kd_2L"]["epoch_seconds"] > 0
     assert summary["students"]["kd_2L"]["teacher_signals"] == "cached"

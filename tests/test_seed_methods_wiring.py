@@ -268,3 +268,27 @@ def test_fresh_timing_replaces_latencies_and_each_early_exit_latency():
     assert fresh == {"dev": {"accuracy": 0.9}, "latency_ms": 4.0, "throughput": 8.0,
                      "early_exit": [{"speed": 0.0, "latency_ms": 4.0}, {"speed": 0.5, "latency_ms": 2.0}]}
     assert with_timing(result, None) is result and result["latency_ms"] == 9.0
+
+
+def stage_keys(document: dict) -> dict[str, str]:
+    from pipeline.runner import PipelineRunner
+
+    runner = PipelineRunner(validate(document))
+    runner.plan()
+    return {name: runner.planned(name).key for name in runner.nodes}
+
+
+def test_only_an_early_exit_students_evaluation_is_keyed_by_the_exit_speeds():
+    document = experiment(KD, fastbert(wrap="kd_2L"))
+    before = stage_keys(document)
+    after = stage_keys({**document, "evaluate": {"exit_speeds": [0.0, 0.5]}})
+    assert {name for name in before if before[name] != after[name]} == {"evaluate fast"}
+
+
+def test_the_top_k_size_reruns_the_top_k_stage_and_not_the_soft_labels_beside_it():
+    textsmooth = {"name": "ts", "method": "textsmooth", "student": {"layers": 2}}
+    document = experiment(textsmooth, teacher={"mlm": {"steps": 5}})
+    before = stage_keys(document)
+    after = stage_keys({**document, "label": {"mlm_top_k": 4}})
+    assert {name for name in before if before[name] != after[name]} == {"masked-LM top-k", "distill ts (textsmooth)",
+                                                                       "evaluate ts"}

@@ -62,6 +62,8 @@ class Method(ABC):
     classification_only: ClassVar[bool] = False
     # Its student is a plain BERT sequence classifier, which another method (FastBERT) can take as its starting point.
     bert_student: ClassVar[bool] = True
+    # Its student can leave early at inference: its evaluation sweeps evaluate.exit_speeds.
+    exits_early: ClassVar[bool] = False
 
     def __init__(self, params: MethodParams | Mapping[str, Any] | None = None):
         if params is None or isinstance(params, Mapping):

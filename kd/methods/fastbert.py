@@ -46,6 +46,7 @@ class FastBert(Method):
     Params = FastBertParams
     bert_student = False  # branches on branches would mean nothing
     classification_only = True  # a sample exits by the entropy of its class probabilities, which one score lacks
+    exits_early = True
 
     def starts_from(self) -> str | None:
         return None if self.params.wrap == TEACHER else self.params.wrap
