@@ -32,7 +32,7 @@ QUICKSTART_TEACHERS = REPO_ROOT / "runs" / "quickstart" / "artifacts" / "teacher
 def quickstart_teacher() -> str | None:
     """The fine-tuned teacher of this checkout's quickstart run (the newest complete one), if there is one."""
     from pipeline.artifacts import COMPLETE_MARKER
-    from stages.layout import STUDENT_DIR
+    from kd.layout import STUDENT_DIR
 
     markers = sorted(QUICKSTART_TEACHERS.glob(f"*/{COMPLETE_MARKER}"), key=lambda marker: marker.stat().st_mtime)
     return str(markers[-1].parent / STUDENT_DIR) if markers else None

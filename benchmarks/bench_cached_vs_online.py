@@ -79,7 +79,7 @@ def online_kd() -> str:
 def train_once(method: str, layers: int, train_path: Path, dev_path: Path, model_dir: str,
                args: argparse.Namespace) -> dict:
     from kd.training import TrainSettings
-    from stages.student_training import LocalIO, train_job, train_student
+    from kd.worker import LocalIO, train_job, train_student
 
     settings = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
                              precision=args.precision, seed=args.seed)

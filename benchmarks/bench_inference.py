@@ -49,7 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_models(args: argparse.Namespace) -> tuple[dict, object]:
     """The teacher and a student of each depth, in eval mode, and the teacher's tokenizer."""
     from kd.students import StudentShape, build_student
-    from stages.models import load_classifier, load_tokenizer, resolve_model_source
+    from kd.checkpoints import load_classifier, load_tokenizer
+    from stages.models import resolve_model_source
 
     model_dir = resolve_model_source(args.teacher)
     teacher = load_classifier(model_dir, NUM_LABELS).eval()

@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
     from pipeline.ray_session import ensure_ray
     from stages import label
     from stages.config import LabelConfig, RayConfig, TaskConfig, TeacherConfig
-    from stages.layout import STUDENT_DIR
+    from kd.layout import STUDENT_DIR
 
     results: dict = {"sizes": []}
     with tempfile.TemporaryDirectory(prefix="bench_label_scale_") as scratch:

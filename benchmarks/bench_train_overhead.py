@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def timed_loop(log_path: str, make_io: Callable) -> Callable[[dict], object]:
     """A train loop that runs ``train_student(job, make_io())`` with the TrainIO wrapped in a recorder of
     wall-clock events. Built inside a function so that Ray pickles it, and the wrapper class, by value."""
-    from stages.student_training import train_student
+    from kd.worker import train_student
 
     def log(event: str) -> None:
         with open(log_path, "a") as out:
@@ -143,7 +143,8 @@ def main(argv: list[str] | None = None) -> dict:
     from pipeline.ray_session import ensure_ray
     from stages import distill
     from stages.models import resolve_model_source
-    from stages.student_training import LocalIO, RayTrainIO, train_job
+    from kd.worker import LocalIO, train_job
+    from stages.distill import RayTrainIO
 
     model_dir = resolve_model_source(args.teacher)
     settings = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,

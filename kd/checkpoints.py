@@ -1,11 +1,14 @@
-"""Loading a checkpoint under another head: a pretrained encoder as a classifier, a classifier as a masked LM."""
+"""Loading checkpoints: a saved classifier and its tokenizer, and a checkpoint under another head (a pretrained
+encoder as a classifier, a classifier as a masked LM)."""
 
 from __future__ import annotations
 
 import logging
 
-from transformers import PreTrainedModel
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 from transformers.utils import logging as transformers_logging
+
+from kd.attention import SCORES_ATTENTION
 
 
 def load_with_new_head(auto_class, source: str, **kwargs) -> tuple[PreTrainedModel, list[str]]:
@@ -30,3 +33,16 @@ def load_with_new_head(auto_class, source: str, **kwargs) -> tuple[PreTrainedMod
         raise ValueError(f"{source}: the checkpoint has no encoder weights for {len(encoder)} tensors of "
                          f"{type(model).__name__} (first: {encoder[0]}); is it a {model.config.model_type} model?")
     return model, new
+
+
+def load_classifier(source: str, num_labels: int, attentions: bool = False):
+    """A sequence classifier; with ``attentions``, kd.attention's implementation, whose maps are the dropout-free
+    pre-softmax scores distillation compares (sdpa returns no maps, eager's are after dropout)."""
+    model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels)
+    if attentions:
+        model.set_attn_implementation(SCORES_ATTENTION)
+    return model
+
+
+def load_tokenizer(source: str):
+    return AutoTokenizer.from_pretrained(source)

@@ -36,7 +36,7 @@ from stages import augment, data, distill, evaluate, label, mlm_teacher, mlm_top
 from stages.config import StageConfig
 from stages.errors import StageError
 from stages.label import ensemble_temperature
-from stages.layout import STUDENT_DIR
+from kd.layout import STUDENT_DIR
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from pipeline.pareto import pareto_front, plot_pareto
 from pipeline.runner import PipelineRunner, without_mlm
 from pipeline.search_space import load_space
 from stages import evaluate, register
-from stages.layout import STUDENT_DIR
+from kd.layout import STUDENT_DIR
 
 SEARCH_FILE = "trials.json"
 

@@ -19,7 +19,7 @@ from pipeline.report import ReportPaths, write_report
 from pipeline.report_stats import training_cost
 from pipeline.summary_schema import EnsembleMember, EnsembleSummary, Init, StudentSummary, Summary, TeacherSummary
 from stages.evaluate import TEST_PREDICTIONS
-from stages.layout import STUDENT_DIR
+from kd.layout import STUDENT_DIR
 
 SIZE_FIELDS = ("params", "size_bytes", "latency_ms", "throughput")
 SUMMARY_FILE = "summary.json"

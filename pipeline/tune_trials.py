@@ -28,7 +28,7 @@ from pipeline.search_space import SearchSpace, apply_sample
 from pipeline.tracking import flatten
 from stages.distill import student_job, trainer
 from stages.errors import StageError
-from stages.student_training import LocalIO, as_path, kept_student, train_student
+from kd.worker import LocalIO, as_path, kept_student, train_student
 
 CHECKPOINT_PATH_KEY = "checkpoint_path"
 

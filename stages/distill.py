@@ -8,19 +8,68 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from contextlib import nullcontext
+from typing import Any, ContextManager, Iterable
 
 import ray
+import torch
 import ray.train
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from kd.layout import HISTORY_FILE, MLM_DIR, PRETRAINED_DIR, STUDENT_DIR, TOKENIZER_DIR
 from kd.methods import get_method
+from kd.worker import Rows, as_path, kept_student, selected_epoch, train_job, train_student
 from stages.config import RunPlace, StudentSpec, TaskConfig, TeacherConfig
 from stages.errors import StageError
 from stages.label import ensemble_temperature
-from stages.layout import HISTORY_FILE, MLM_DIR, PRETRAINED_DIR, STUDENT_DIR, TOKENIZER_DIR
-from stages.student_training import RayTrainIO, kept_student, selected_epoch, train_job, train_student
+
+
+class RayTrainIO:
+    """Inside a Ray Train worker: dataset shards, ``ray.train.report`` and the run's latest checkpoint."""
+
+    def __init__(self):
+        import ray.train
+
+        self._train = ray.train
+        context = ray.train.get_context()
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        self._dev: dict[int, list[Rows]] = {}
+
+    def epoch_chunks(self, rows_per_chunk: int, seed: int) -> Iterable[Rows]:
+        return self._train.get_dataset_shard("train").iter_batches(
+            batch_size=rows_per_chunk, batch_format="numpy", local_shuffle_buffer_size=rows_per_chunk,
+            local_shuffle_seed=seed)
+
+    def dev_rows(self, batch_size: int) -> Iterable[Rows]:
+        # Each pass over a Ray dataset starts an execution of its own, seconds on a small machine; the dev split
+        # is the same small set every epoch, so it is read once and kept.
+        if batch_size not in self._dev:
+            self._dev[batch_size] = list(self._train.get_dataset_shard("dev").iter_batches(
+                batch_size=batch_size, batch_format="numpy"))
+        return iter(self._dev[batch_size])
+
+    def restore(self) -> ContextManager[Path | None]:
+        checkpoint = self._train.get_checkpoint()
+        return as_path(checkpoint.as_directory()) if checkpoint is not None else nullcontext(None)
+
+    def report(self, metrics: dict, directory: Path | None) -> None:
+        checkpoint = self._train.Checkpoint.from_directory(directory) if directory is not None else None
+        self._train.report(metrics, checkpoint=checkpoint)
+
+    def wrap(self, module, device):
+        import ray.train.torch
+
+        if self.world == 1:
+            return module.to(device)
+        # Phased methods freeze parts of the model (TinyBERT's intermediate phase leaves the classifier without
+        # a gradient), which DistributedDataParallel refuses unless told to look for unused parameters.
+        return ray.train.torch.prepare_model(module, parallel_strategy_kwargs={"find_unused_parameters": True})
+
+    def device(self) -> torch.device:
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
 
 
 def train_loop_per_worker(job: dict[str, Any]) -> None:

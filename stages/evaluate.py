@@ -16,12 +16,12 @@ from kd.batching import LABEL, Collator, iterate_frame
 from kd.ensemble import ensemble_logits
 from kd.evaluation import (evaluate_frame, length_order, measure_latencies, measure_latency, size_on_disk,
                            task_metrics)
-from kd.fastbert import EarlyExit, FastBertForSequenceClassification, speed_sweep
+from kd.models.fastbert import EarlyExit, FastBertForSequenceClassification, speed_sweep
 from kd.students import count_parameters
 from stages.config import EnsembleConfig, EvaluateConfig, StageConfig, TaskConfig, TeacherConfig
 from stages.label import member_inputs
-from stages.layout import STUDENT_DIR
-from stages.models import load_classifier, load_tokenizer
+from kd.layout import STUDENT_DIR
+from kd.checkpoints import load_classifier, load_tokenizer
 
 TEST_PREDICTIONS = "test_predictions.npy"
 

@@ -12,8 +12,8 @@ import torch
 from kd.batching import TEACHER_LOGITS, TEXT_A, Collator
 from kd.ensemble import ensemble_logits
 from stages.config import EnsembleConfig, LabelConfig, StageConfig, TaskConfig, TeacherConfig
-from stages.models import load_classifier, load_tokenizer
-from stages.layout import STUDENT_DIR
+from kd.checkpoints import load_classifier, load_tokenizer
+from kd.layout import STUDENT_DIR
 
 ROWS_PER_BLOCK = 2048
 SLICE_ROWS = 32

@@ -12,8 +12,8 @@ import torch
 from kd.batching import TEXT_A, TEXT_B
 from kd.mlm import MlmSettings, adapt, masked_lm_from, masked_token_accuracy
 from stages.config import RayConfig, StageConfig, TeacherConfig
-from stages.models import load_tokenizer
-from stages.layout import MLM_DIR, STUDENT_DIR
+from kd.checkpoints import load_tokenizer
+from kd.layout import MLM_DIR, STUDENT_DIR
 
 def split_text(data_dir: Path, split: str) -> tuple[list[str], list[str] | None]:
     frame = pd.read_parquet(data_dir / f"{split}.parquet")

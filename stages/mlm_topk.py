@@ -22,8 +22,8 @@ from kd.mlm import masked_lm_from, topk_per_position
 from kd.textsmooth import MLM_TOPK_IDS, MLM_TOPK_PROBS
 from stages.config import LabelConfig, StageConfig, TeacherConfig
 from stages.label import read_rows, teacher_pool, teacher_threads
-from stages.layout import MLM_DIR
-from stages.models import load_tokenizer
+from kd.layout import MLM_DIR
+from kd.checkpoints import load_tokenizer
 
 # Rows per forward: the masked LM's logits are [rows, tokens, vocabulary], 120 MB at 16 × 64 × 30k floats.
 SLICE_ROWS = 16

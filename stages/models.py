@@ -1,13 +1,11 @@
-"""Resolving and loading models: hub names, local folders, and model folders inside installed packages."""
+"""Resolving where a model comes from: hub names, local folders, and model folders inside installed packages
+(``kd.checkpoints`` loads them)."""
 
 from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
 
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-from kd.attention import SCORES_ATTENTION
 from stages.errors import StageError
 
 PACKAGE_PREFIX = "package:"
@@ -35,16 +33,3 @@ def resolve_model_source(source: str) -> str:
     if source.startswith((".", "/", "~")):
         raise StageError(f"teacher.source {source!r} does not exist")
     return source
-
-
-def load_classifier(source: str, num_labels: int, attentions: bool = False):
-    """A sequence classifier; with ``attentions``, kd.attention's implementation, whose maps are the dropout-free
-    pre-softmax scores distillation compares (sdpa returns no maps, eager's are after dropout)."""
-    model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels)
-    if attentions:
-        model.set_attn_implementation(SCORES_ATTENTION)
-    return model
-
-
-def load_tokenizer(source: str):
-    return AutoTokenizer.from_pretrained(source)

@@ -13,11 +13,12 @@ from kd.batching import TEXT_A, TEXT_B
 from kd.checkpoints import load_with_new_head
 from kd.methods.finetune import FineTune
 from stages.distill import fit
-from stages.layout import PRETRAINED_DIR, STUDENT_DIR
-from stages.student_training import train_job
+from kd.layout import PRETRAINED_DIR, STUDENT_DIR
+from kd.worker import train_job
 from stages.config import RunPlace, TaskConfig, TeacherConfig
 from stages.errors import StageError
-from stages.models import load_tokenizer, resolve_model_source
+from kd.checkpoints import load_tokenizer
+from stages.models import resolve_model_source
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The student's own vocabulary, for methods that train one on the task corpus (DualTrain's WordPiece): trained
 once here, on the task's train split, and loaded by every training worker, since WordPiece training is not
-reproducible from process to process (kd.dualtrain.train_wordpiece)."""
+reproducible from process to process (kd.models.dualtrain.train_wordpiece)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from pathlib import Path
 from pydantic import Field
 
 from kd.methods import get_method
-from stages.models import load_tokenizer
+from kd.checkpoints import load_tokenizer
 from stages.config import StageConfig, StudentSpec, UNKEYED
-from stages.layout import STUDENT_DIR, TOKENIZER_DIR
-from stages.student_training import corpus_texts
+from kd.layout import STUDENT_DIR, TOKENIZER_DIR
+from kd.worker import corpus_texts
 
 class Config(StageConfig):
     """The vocabulary follows the method's ``vocabulary_key`` alone, so students that agree on it share one: the

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertModel
 
-from kd.bilstm import BiLSTMConfig, BiLSTMForSequenceClassification, build_vocab, embeddings_from_teacher
+from kd.models.bilstm import BiLSTMConfig, BiLSTMForSequenceClassification, build_vocab, embeddings_from_teacher
 from kd.methods import get_method
 from kd.students import StudentShape
 from kd.training import Distiller, TrainSettings

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer, BertForSequenceClassification
 
-from kd.dualtrain import (
+from kd.models.dualtrain import (
     SharedProjection,
     compression_report,
     dual_batch,

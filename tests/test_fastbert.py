@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForSequenceClassification
 
-from kd.fastbert import FastBertForSequenceClassification, fastbert_from, normalized_entropy, speed_sweep
+from kd.models.fastbert import FastBertForSequenceClassification, fastbert_from, normalized_entropy, speed_sweep
 from kd.methods import get_method
 from kd.students import StudentShape
 from kd.training import Distiller, TrainSettings

@@ -6,7 +6,7 @@ from rich.console import Console
 
 from pipeline.config import load_experiment
 from pipeline.runner import PipelineRunner
-from stages.student_training import FAULT_ENV
+from kd.worker import FAULT_ENV
 
 from conftest import SMOKE_CONFIG
 

@@ -14,8 +14,8 @@ from pipeline.artifacts import Artifact
 from stages.config import TaskConfig, TeacherConfig
 from stages.distill import student_job
 from stages.errors import StageError
-from stages.layout import PRETRAINED_DIR, STUDENT_DIR
-from stages.student_training import LocalIO, build_distiller
+from kd.layout import PRETRAINED_DIR, STUDENT_DIR
+from kd.worker import LocalIO, build_distiller
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

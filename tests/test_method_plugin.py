@@ -22,8 +22,8 @@ from pipeline.config import ConfigError, validate
 from pipeline.preflight import check_students_fit_teacher
 from stages.config import TaskConfig, TeacherConfig
 from stages.distill import student_job
-from stages.layout import STUDENT_DIR
-from stages.student_training import LocalIO, train_student
+from kd.layout import STUDENT_DIR
+from kd.worker import LocalIO, train_student
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

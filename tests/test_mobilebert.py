@@ -13,7 +13,7 @@ from kd.attention import SCORES_ATTENTION
 from kd.methods import get_method
 from kd.methods.base import TeacherOutputs
 from kd.methods.mobilebert import attention_kl
-from kd.mobilebert import BottleneckBertConfig, BottleneckBertForSequenceClassification
+from kd.models.mobilebert import BottleneckBertConfig, BottleneckBertForSequenceClassification
 from kd.students import StudentShape
 from kd.training import Distiller, TrainSettings
 

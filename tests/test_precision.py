@@ -17,7 +17,7 @@ from kd.methods import get_method
 from kd.precision import resolve_precision
 from kd.students import StudentShape, build_student
 from kd.training import Distiller, TrainSettings
-from stages.student_training import LocalIO, train_job, train_student
+from kd.worker import LocalIO, train_job, train_student
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

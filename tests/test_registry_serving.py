@@ -26,10 +26,10 @@ from transformers import BertForSequenceClassification
 from typer.testing import CliRunner
 
 from kd.batching import TEXT_A, TEXT_B, Collator
-from kd.bilstm import BiLSTMConfig, BiLSTMForSequenceClassification
+from kd.models.bilstm import BiLSTMConfig, BiLSTMForSequenceClassification
 from kd.evaluation import predict_frame
-from kd.fastbert import fastbert_from
-from kd.mobilebert import BottleneckBertConfig, BottleneckBertForSequenceClassification
+from kd.models.fastbert import fastbert_from
+from kd.models.mobilebert import BottleneckBertConfig, BottleneckBertForSequenceClassification
 from pipeline.artifacts import ArtifactStore, content_key
 from pipeline.cli import app
 from pipeline.config import load_experiment
@@ -37,8 +37,8 @@ from pipeline.summary import write_summaries
 from pipeline.summary_schema import StudentSummary, Summary, TeacherSummary
 from pipeline.tracking import RUN_FILE, Tracker, remember_run
 from stages import register
-from stages.layout import STUDENT_DIR
-from stages.models import load_classifier, load_tokenizer
+from kd.layout import STUDENT_DIR
+from kd.checkpoints import load_classifier, load_tokenizer
 from stages.serving_model import LABEL, PROBABILITIES, SCORE, TEXT, TEXT_PAIR
 
 from conftest import SMOKE_CONFIG, WORDS, free_port, tiny_bert_config

@@ -15,15 +15,15 @@ import yaml
 from rich.console import Console
 
 from kd.batching import TEACHER_LOGITS
-from kd.fastbert import FastBertForSequenceClassification
-from kd.mobilebert import BottleneckBertForSequenceClassification
+from kd.models.fastbert import FastBertForSequenceClassification
+from kd.models.mobilebert import BottleneckBertForSequenceClassification
 from pipeline.artifacts import Artifact
 from pipeline.config import validate
 from pipeline.runner import PipelineRunner
 from stages.label import TeacherPredictor
-from stages.models import load_classifier, load_tokenizer
-from stages.layout import STUDENT_DIR
-from stages.layout import TOKENIZER_DIR
+from kd.checkpoints import load_classifier, load_tokenizer
+from kd.layout import STUDENT_DIR
+from kd.layout import TOKENIZER_DIR
 
 from conftest import SMOKE_CONFIG
 

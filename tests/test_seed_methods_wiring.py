@@ -15,7 +15,7 @@ from transformers import BertForSequenceClassification
 
 from conftest import tiny_bert_config
 from kd.batching import LABEL, TEACHER_LOGITS, TEXT_A
-from kd.dualtrain import STUDENT_INPUT_IDS, UNIT_IDS, DualCollator, train_wordpiece
+from kd.models.dualtrain import STUDENT_INPUT_IDS, UNIT_IDS, DualCollator, train_wordpiece
 from kd.ensemble import ensemble_logits
 from kd.training import TrainSettings
 from kd.methods import get_method
@@ -28,9 +28,9 @@ from pipeline.summary import with_timing
 from pipeline.summary_schema import Summary
 from stages import vocabulary
 from stages.label import EnsemblePredictor, TeacherPredictor
-from stages.models import load_tokenizer
-from stages.layout import STUDENT_DIR, TOKENIZER_DIR
-from stages.student_training import LocalIO, build_distiller, train_job
+from kd.checkpoints import load_tokenizer
+from kd.layout import STUDENT_DIR, TOKENIZER_DIR
+from kd.worker import LocalIO, build_distiller, train_job
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 SENTENCES = ["the movie was good", "a bad plot", "the actor is great", "not very fun", "a dull film",

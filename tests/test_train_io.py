@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import numpy as np
 import ray.train
 
-from stages.student_training import RayTrainIO
+from stages.distill import RayTrainIO
 
 
 class CountingShard:

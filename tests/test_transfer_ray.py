@@ -17,9 +17,9 @@ from pipeline.artifacts import Artifact
 from pipeline.config import load_experiment
 from pipeline.runner import PipelineRunner
 from stages.distill import student_job
-from stages.layout import MLM_DIR
-from stages.models import load_classifier, load_tokenizer
-from stages.layout import STUDENT_DIR
+from kd.layout import MLM_DIR
+from kd.checkpoints import load_classifier, load_tokenizer
+from kd.layout import STUDENT_DIR
 
 from conftest import SMOKE_CONFIG
 

@@ -25,12 +25,12 @@ from pipeline.config import ConfigError, validate
 from pipeline.runner import PipelineRunner, student_corpus
 from stages.augment import MlmAugmenter, TangAugmenter, with_copies
 from stages.distill import student_params
-from stages.layout import MLM_DIR
+from kd.layout import MLM_DIR
 from stages.mlm_teacher import adapt_teacher
 from stages.mlm_topk import TopKPredictor
-from stages.layout import STUDENT_DIR
-from stages.student_training import LocalIO, train_job, train_student
-from stages.models import load_classifier, load_tokenizer
+from kd.layout import STUDENT_DIR
+from kd.worker import LocalIO, train_job, train_student
+from kd.checkpoints import load_classifier, load_tokenizer
 
 from conftest import tiny_bert_config
 

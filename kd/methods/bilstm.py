@@ -7,7 +7,7 @@ from typing import Iterable, Literal
 from pydantic import Field, model_validator
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from kd.bilstm import BiLSTMConfig, BiLSTMForSequenceClassification, build_vocab, embeddings_from_teacher
+from kd.models.bilstm import BiLSTMConfig, BiLSTMForSequenceClassification, build_vocab, embeddings_from_teacher
 from kd.losses import hard_cross_entropy, logit_mse
 from kd.methods.base import Method, MethodParams, register_method
 from kd.students import StudentShape
@@ -26,7 +26,7 @@ class BiLSTMParams(MethodParams):
     embedding_dim: int = Field(default=300, ge=1, description="Embedding width when embeddings='random'.")
     vocabulary: Literal["teacher", "corpus"] = Field(
         default="teacher", description="The teacher's tokenizer (WordPiece), or a word-level vocabulary built from "
-        "the student's training corpus (kd.bilstm.build_vocab), saved with the student.")
+        "the student's training corpus (kd.models.bilstm.build_vocab), saved with the student.")
     min_freq: int = Field(default=1, ge=1, description="vocabulary='corpus': words seen fewer times become [UNK].")
     max_vocab: int | None = Field(default=None, ge=6, description="vocabulary='corpus': at most this many entries.")
     mlp_hidden: int = Field(default=400, ge=1, description="Units of the MLP's hidden layer.")

@@ -1,5 +1,5 @@
 """DualTrain + SharedProj (Zhao et al., 2020): a small-vocabulary, narrow student distilled through mixed-vocabulary
-inputs and one projection shared by all layers (kd.dualtrain describes the design)."""
+inputs and one projection shared by all layers (kd.models.dualtrain describes the design)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pydantic import Field
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from kd.dualtrain import (
+from kd.models.dualtrain import (
     STUDENT_ATTENTION_MASK,
     STUDENT_INPUT_IDS,
     STUDENT_TOKEN_TYPE_IDS,
@@ -35,7 +35,7 @@ class DualTrainParams(MethodParams):
         "the teacher's). The trainer keeps every character it sees, so a tiny size can come out a little larger.")
     p_teacher: float = Field(
         default=0.5, ge=0, le=1, description="Probability that a word is segmented by the teacher's vocabulary in "
-        "the student's training input (read by the batch builder, kd.dualtrain.dual_batch).")
+        "the student's training input (read by the batch builder, kd.models.dualtrain.dual_batch).")
     # "up" by default: its target, the frozen teacher's states, cannot move; "down" trains the target side too
     # (H_t U), and shrinking U with the student's states lowers that MSE without teaching the student anything.
     direction: Literal["down", "up"] = Field(
@@ -57,7 +57,7 @@ class DualTrain(Method):
     models read different segmentations, and the mean runs over units present on both sides.
 
     The batch carries the teacher's segmentation under the plain input keys (the frozen teacher reads it online)
-    and the student's mixed one under student_* keys with the unit ids of both sides (kd.dualtrain.dual_batch);
+    and the student's mixed one under student_* keys with the unit ids of both sides (kd.models.dualtrain.dual_batch);
     the student reads it through E_mixed = [E_s ; E_t P]. The student is a BERT of ``vocab_size`` pieces and
     ``shape.hidden_size`` width (its blocks copied from the teacher when the width is the teacher's, else random);
     at evaluation it reads plain student-vocabulary ids.
@@ -122,7 +122,7 @@ class DualTrain(Method):
     def student_forward(self, student, batch, auxiliary, phase):
         missing = [key for key in (STUDENT_INPUT_IDS, STUDENT_UNIT_IDS, UNIT_IDS) if key not in batch]
         if missing:
-            raise KeyError(f"dualtrain needs the student's mixed segmentation in the batch (kd.dualtrain.dual_batch); "
+            raise KeyError(f"dualtrain needs the student's mixed segmentation in the batch (kd.models.dualtrain.dual_batch); "
                            f"missing {missing}")
         embeds = mixed_inputs_embeds(batch[STUDENT_INPUT_IDS], student.get_input_embeddings(),
                                      auxiliary["teacher_embeddings"], auxiliary["projection"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 from transformers import PretrainedConfig, PreTrainedModel
 
-from kd.fastbert import FastBertForSequenceClassification, fastbert_from
+from kd.models.fastbert import FastBertForSequenceClassification, fastbert_from
 from kd.losses import kl_divergence
 from kd.methods.base import METHODS, MODEL_INPUTS, Method, MethodParams, register_method
 from kd.students import StudentShape

@@ -12,7 +12,7 @@ from kd.layer_maps import LayerMatch, expand_strategy
 from kd.losses import get_loss, register_loss, soft_cross_entropy
 from kd.methods.base import Method, Phase, register_method
 from kd.methods.tinybert import INTERMEDIATE, PREDICTION, TwoPhaseParams, align_heads
-from kd.mobilebert import BottleneckBertConfig, BottleneckBertForSequenceClassification
+from kd.models.mobilebert import BottleneckBertConfig, BottleneckBertForSequenceClassification
 from kd.projections import width_projections
 from kd.students import StudentShape
 

@@ -1,7 +1,8 @@
-"""One student's training loop, shared by a Ray Train worker, an in-process Tune trial and the benchmarks.
+"""One student's training run, free of Ray: what a Ray Train worker, an in-process Tune trial and the benchmarks
+all execute.
 
-The loop talks to its surroundings through ``TrainIO``: where training rows and dev rows come from, where
-a restart resumes from, and where metrics and checkpoints go. ``RayTrainIO`` reads the worker's dataset shard
+The run talks to its surroundings through ``TrainIO``: where training rows and dev rows come from, where a restart
+resumes from, and where metrics and checkpoints go. ``stages.distill.RayTrainIO`` reads the worker's dataset shard
 and reports to Ray Train; ``LocalIO`` reads Parquet in the current process.
 """
 
@@ -28,8 +29,8 @@ from kd.evaluation import predict_logits, task_metrics
 from kd.methods import get_method
 from kd.students import StudentShape
 from kd.training import Distiller, TrainSettings, phase_epochs
-from stages.layout import BEST_DIR, HISTORY_FILE, STUDENT_DIR
-from stages.models import load_classifier, load_tokenizer
+from kd.layout import BEST_DIR, HISTORY_FILE, STUDENT_DIR
+from kd.checkpoints import load_classifier, load_tokenizer
 
 FAULT_ENV = "KD_FAULT_AT_STEP"
 Rows = Mapping[str, np.ndarray]
@@ -45,53 +46,6 @@ class TrainIO(Protocol):
     def report(self, metrics: dict, directory: Path | None) -> None: ...
     def wrap(self, module: torch.nn.Module, device: torch.device) -> torch.nn.Module: ...
     def device(self) -> torch.device: ...
-
-
-class RayTrainIO:
-    """Inside a Ray Train worker: dataset shards, ``ray.train.report`` and the run's latest checkpoint."""
-
-    def __init__(self):
-        import ray.train
-
-        self._train = ray.train
-        context = ray.train.get_context()
-        self.rank, self.world = context.get_world_rank(), context.get_world_size()
-        self._dev: dict[int, list[Rows]] = {}
-
-    def epoch_chunks(self, rows_per_chunk: int, seed: int) -> Iterable[Rows]:
-        return self._train.get_dataset_shard("train").iter_batches(
-            batch_size=rows_per_chunk, batch_format="numpy", local_shuffle_buffer_size=rows_per_chunk,
-            local_shuffle_seed=seed)
-
-    def dev_rows(self, batch_size: int) -> Iterable[Rows]:
-        # Each pass over a Ray dataset starts an execution of its own, seconds on a small machine; the dev split
-        # is the same small set every epoch, so it is read once and kept.
-        if batch_size not in self._dev:
-            self._dev[batch_size] = list(self._train.get_dataset_shard("dev").iter_batches(
-                batch_size=batch_size, batch_format="numpy"))
-        return iter(self._dev[batch_size])
-
-    def restore(self) -> ContextManager[Path | None]:
-        checkpoint = self._train.get_checkpoint()
-        return as_path(checkpoint.as_directory()) if checkpoint is not None else nullcontext(None)
-
-    def report(self, metrics: dict, directory: Path | None) -> None:
-        checkpoint = self._train.Checkpoint.from_directory(directory) if directory is not None else None
-        self._train.report(metrics, checkpoint=checkpoint)
-
-    def wrap(self, module, device):
-        import ray.train.torch
-
-        if self.world == 1:
-            return module.to(device)
-        # Phased methods freeze parts of the model (TinyBERT's intermediate phase leaves the classifier without
-        # a gradient), which DistributedDataParallel refuses unless told to look for unused parameters.
-        return ray.train.torch.prepare_model(module, parallel_strategy_kwargs={"find_unused_parameters": True})
-
-    def device(self) -> torch.device:
-        import ray.train.torch
-
-        return ray.train.torch.get_device()
 
 
 class LocalIO:
