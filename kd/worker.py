@@ -48,6 +48,11 @@ class TrainIO(Protocol):
     def device(self) -> torch.device: ...
 
 
+def shuffled_chunks(frame: pd.DataFrame, rows_per_chunk: int, seed: int) -> Iterator[Rows]:
+    """The rows in the epoch's seeded order: the same seed gives the same order, however the rows arrived."""
+    return iterate_frame(frame.iloc[np.random.default_rng(seed).permutation(len(frame))], rows_per_chunk)
+
+
 class LocalIO:
     """In this process: Parquet read with pandas, shuffled per epoch; reports go to a callback."""
 
@@ -62,8 +67,7 @@ class LocalIO:
         self._resume_from = resume_from
 
     def epoch_chunks(self, rows_per_chunk: int, seed: int) -> Iterator[Rows]:
-        shuffled = self.train.iloc[np.random.default_rng(seed).permutation(len(self.train))]
-        return iterate_frame(shuffled, rows_per_chunk)
+        return shuffled_chunks(self.train, rows_per_chunk, seed)
 
     def dev_rows(self, batch_size: int) -> Iterator[Rows]:
         return iterate_frame(self.dev, batch_size)

@@ -32,7 +32,7 @@ def _load(config: Path, overrides: Optional[list[str]], workdir: Optional[Path])
 
 def _preflight(exp: Experiment) -> None:
     from pipeline.preflight import check_students_fit_teacher
-    from stages.errors import StageError
+    from kd.errors import StageError
 
     try:
         check_students_fit_teacher(exp)
@@ -58,7 +58,7 @@ def run(config: Path = ConfigArg, set_: Optional[list[str]] = SetOption, workdir
                                      "print (without it, that goes to WORKDIR/logs/ray).")) -> None:
     """Run every stage of an experiment: data, teacher, soft labels, distillation, evaluation."""
     from pipeline.runner import PipelineRunner
-    from stages.errors import StageError
+    from kd.errors import StageError
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     exp = _load(config, set_, workdir)
@@ -85,7 +85,7 @@ def tune(config: Path = ConfigArg,
 
     Rerunning the same command resumes an interrupted search."""
     from pipeline.search import run_tune
-    from stages.errors import StageError
+    from kd.errors import StageError
 
     overrides = list(set_ or [])
     for field, value in (("samples", samples), ("scheduler", scheduler), ("search", search), ("trial_mode", trial_mode)):
@@ -133,7 +133,7 @@ def register(workdir: Path = typer.Argument(..., help="A finished run's workdir 
     """Register a student of a finished run in the run's MLflow model registry as 'candidate'."""
     from mlflow.exceptions import MlflowException
 
-    from stages.errors import StageError
+    from kd.errors import StageError
     from pipeline.registry import register_run_student
     from stages.register import CANDIDATE
 

@@ -9,7 +9,7 @@ from transformers import AutoConfig, PretrainedConfig
 from kd.layer_maps import validate_matches
 from kd.students import copied_layers
 from pipeline.config import ConfigError, Experiment
-from stages.errors import StageError
+from kd.errors import StageError
 from stages.models import resolve_model_source
 
 

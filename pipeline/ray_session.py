@@ -11,7 +11,7 @@ import ray
 from ray._private.services import canonicalize_bootstrap_address
 from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc, ray_client_pb2, ray_client_pb2_grpc
 
-from stages.errors import StageError
+from kd.errors import StageError
 
 
 # Workers iterate small datasets every epoch; their progress bars would drown the driver's display.

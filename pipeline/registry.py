@@ -13,7 +13,7 @@ from pipeline.artifacts import ArtifactStore
 from pipeline.summary import load_summaries
 from pipeline.summary_schema import Summary
 from pipeline.tracking import RUN_FILE, recorded_run
-from stages.errors import StageError
+from kd.errors import StageError
 from kd.layout import STUDENT_DIR
 from stages.register import BEST, ServedTask, log_served, register
 

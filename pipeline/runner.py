@@ -34,7 +34,7 @@ from pipeline.summary_schema import Summary
 from pipeline.tracking import Tracker, log_report, remember_run
 from stages import augment, data, distill, evaluate, label, mlm_teacher, mlm_topk, teacher, vocabulary
 from stages.config import StageConfig
-from stages.errors import StageError
+from kd.errors import StageError
 from stages.label import ensemble_temperature
 from kd.layout import STUDENT_DIR
 

@@ -16,7 +16,7 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from stages.errors import StageError
+from kd.errors import StageError
 
 
 # The userinfo of a URL (scheme://user:password@host): credentials belong in the environment

@@ -27,7 +27,7 @@ from pipeline.config import Experiment, StudentSpec
 from pipeline.search_space import SearchSpace, apply_sample
 from pipeline.tracking import flatten
 from stages.distill import student_job, trainer
-from stages.errors import StageError
+from kd.errors import StageError
 from kd.worker import LocalIO, as_path, kept_student, train_student
 
 CHECKPOINT_PATH_KEY = "checkpoint_path"

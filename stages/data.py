@@ -19,7 +19,7 @@ from sklearn.model_selection import train_test_split
 
 from kd.batching import LABEL, TEXT_A, TEXT_B
 from stages.config import RT_SNIPPETS, StageConfig, TaskConfig
-from stages.errors import StageError
+from kd.errors import StageError
 
 log = logging.getLogger(__name__)
 

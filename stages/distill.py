@@ -11,6 +11,7 @@ from pathlib import Path
 from contextlib import nullcontext
 from typing import Any, ContextManager, Iterable
 
+import pandas as pd
 import ray
 import torch
 import ray.train
@@ -19,9 +20,9 @@ from ray.train.torch import TorchTrainer
 
 from kd.layout import HISTORY_FILE, MLM_DIR, PRETRAINED_DIR, STUDENT_DIR, TOKENIZER_DIR
 from kd.methods import get_method
-from kd.worker import Rows, as_path, kept_student, selected_epoch, train_job, train_student
+from kd.worker import Rows, as_path, kept_student, selected_epoch, shuffled_chunks, train_job, train_student
 from stages.config import RunPlace, StudentSpec, TaskConfig, TeacherConfig
-from stages.errors import StageError
+from kd.errors import StageError
 from stages.label import ensemble_temperature
 
 
@@ -35,11 +36,16 @@ class RayTrainIO:
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
         self._dev: dict[int, list[Rows]] = {}
+        self._train_rows: pd.DataFrame | None = None
 
     def epoch_chunks(self, rows_per_chunk: int, seed: int) -> Iterable[Rows]:
-        return self._train.get_dataset_shard("train").iter_batches(
-            batch_size=rows_per_chunk, batch_format="numpy", local_shuffle_buffer_size=rows_per_chunk,
-            local_shuffle_seed=seed)
+        # The shard is read once and kept, then shuffled by the epoch's seed. Ray Data's local shuffle buffer draws
+        # from whatever rows have arrived, so under load the same seed gave another order (and another model); a
+        # training split is small next to the worker's memory, and each streamed epoch cost an execution of its own.
+        if self._train_rows is None:
+            self._train_rows = pd.concat(list(self._train.get_dataset_shard("train").iter_batches(
+                batch_size=rows_per_chunk, batch_format="pandas")), ignore_index=True)
+        return shuffled_chunks(self._train_rows, rows_per_chunk, seed)
 
     def dev_rows(self, batch_size: int) -> Iterable[Rows]:
         # Each pass over a Ray dataset starts an execution of its own, seconds on a small machine; the dev split

@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from stages.errors import StageError
+from kd.errors import StageError
 
 PACKAGE_PREFIX = "package:"
 

@@ -19,7 +19,7 @@ from transformers import AutoConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
 from stages import serving_model
-from stages.errors import StageError
+from kd.errors import StageError
 
 CANDIDATE, CHAMPION = "candidate", "champion"
 BEST = "best"

@@ -16,7 +16,7 @@ from stages.distill import fit
 from kd.layout import PRETRAINED_DIR, STUDENT_DIR
 from kd.worker import train_job
 from stages.config import RunPlace, TaskConfig, TeacherConfig
-from stages.errors import StageError
+from kd.errors import StageError
 from kd.checkpoints import load_tokenizer
 from stages.models import resolve_model_source
 

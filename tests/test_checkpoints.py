@@ -8,7 +8,7 @@ from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassificatio
 
 from kd.checkpoints import load_with_new_head
 from kd.mlm import masked_lm_from
-from stages.errors import StageError
+from kd.errors import StageError
 from stages.teacher import load_candidate
 from tests.conftest import tiny_bert_config
 

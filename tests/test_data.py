@@ -7,7 +7,7 @@ import pytest
 
 from pipeline.config import TaskConfig
 from stages.data import fetch_rt_snippets, load_rt_snippets, prepare
-from stages.errors import StageError
+from kd.errors import StageError
 
 
 def frame(n=60, pair=False):

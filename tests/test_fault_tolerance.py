@@ -47,7 +47,7 @@ def test_failing_run_leaves_no_trusted_artifact(smoke_pipeline, monkeypatch):
 
 
 def test_a_failed_student_fails_alone_and_the_rerun_trains_only_it(smoke_pipeline, tmp_path):
-    from stages.errors import StageError
+    from kd.errors import StageError
 
     exp, _, _ = smoke_pipeline
     train = "train: {epochs: 1, batch_size: 32, learning_rate: 1.0e-4, report_every: 7}"

@@ -13,7 +13,7 @@ from kd.batching import LABEL, TEXT_A
 from pipeline.artifacts import Artifact
 from stages.config import TaskConfig, TeacherConfig
 from stages.distill import student_job
-from stages.errors import StageError
+from kd.errors import StageError
 from kd.layout import PRETRAINED_DIR, STUDENT_DIR
 from kd.worker import LocalIO, build_distiller
 

@@ -6,7 +6,7 @@ import yaml
 from conftest import SMOKE_CONFIG
 from pipeline.config import ConfigError, load_experiment
 from pipeline.search_space import SPACES_DIR, apply_sample, load_space
-from stages.errors import StageError
+from kd.errors import StageError
 from pipeline.tune_trials import check_nested_fits
 
 BASE = {"name": "s", "method": "kd", "student": {"layers": 2}, "params": {"temperature": 4.0}}

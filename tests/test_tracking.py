@@ -5,7 +5,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.tracking import Tracker, log_report, redact, remember_run
-from stages.errors import StageError
+from kd.errors import StageError
 
 SECRET = "s3cr3t-Pa55"
 
