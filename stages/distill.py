@@ -11,7 +11,6 @@ from pathlib import Path
 from contextlib import nullcontext
 from typing import Any, ContextManager, Iterable
 
-import pandas as pd
 import ray
 import torch
 import ray.train
@@ -20,7 +19,7 @@ from ray.train.torch import TorchTrainer
 
 from kd.layout import HISTORY_FILE, MLM_DIR, PRETRAINED_DIR, STUDENT_DIR, TOKENIZER_DIR
 from kd.methods import get_method
-from kd.worker import Rows, as_path, kept_student, selected_epoch, shuffled_chunks, train_job, train_student
+from kd.worker import Rows, as_path, kept_student, selected_epoch, train_job, train_student
 from stages.config import RunPlace, StudentSpec, TaskConfig, TeacherConfig
 from kd.errors import StageError
 from stages.label import ensemble_temperature
@@ -36,16 +35,12 @@ class RayTrainIO:
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
         self._dev: dict[int, list[Rows]] = {}
-        self._train_rows: pd.DataFrame | None = None
 
     def epoch_chunks(self, rows_per_chunk: int, seed: int) -> Iterable[Rows]:
-        # The shard is read once and kept, then shuffled by the epoch's seed. Ray Data's local shuffle buffer draws
-        # from whatever rows have arrived, so under load the same seed gave another order (and another model); a
-        # training split is small next to the worker's memory, and each streamed epoch cost an execution of its own.
-        if self._train_rows is None:
-            self._train_rows = pd.concat(list(self._train.get_dataset_shard("train").iter_batches(
-                batch_size=rows_per_chunk, batch_format="pandas")), ignore_index=True)
-        return shuffled_chunks(self._train_rows, rows_per_chunk, seed)
+        # The shard streams in file order (ordered_ingest) and is shuffled by the epoch's seed.
+        return self._train.get_dataset_shard("train").iter_batches(
+            batch_size=rows_per_chunk, batch_format="numpy", local_shuffle_buffer_size=rows_per_chunk,
+            local_shuffle_seed=seed)
 
     def dev_rows(self, batch_size: int) -> Iterable[Rows]:
         # Each pass over a Ray dataset starts an execution of its own, seconds on a small machine; the dev split
@@ -91,22 +86,28 @@ class Config(RunPlace):
 
 
 def read_quietly(path: Path) -> ray.data.Dataset:
-    """A Parquet dataset, read in order, whose per-epoch iteration in the workers draws no progress bars: a Dataset keeps the
+    """A Parquet dataset whose per-epoch iteration in the workers draws no progress bars: a Dataset keeps the
     DataContext it was created under, and per-epoch bars from every worker would drown the driver's display."""
     context = ray.data.DataContext.get_current()
-    shown, ordered = context.enable_progress_bars, context.execution_options.preserve_order
+    shown = context.enable_progress_bars
     context.enable_progress_bars = False
-    # Blocks reach the workers in file order, so a seeded shuffle gives the same epochs from run to run.
-    context.execution_options.preserve_order = True
     try:
         return ray.data.read_parquet(str(path))
     finally:
-        context.enable_progress_bars, context.execution_options.preserve_order = shown, ordered
+        context.enable_progress_bars = shown
 
 
 def scaling_config(cfg) -> ScalingConfig:
     return ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                          resources_per_worker={"CPU": cfg.ray.cpus_per_worker, **cfg.ray.resources_per_worker})
+
+
+def ordered_ingest():
+    """Ray Train's ingest options with blocks kept in file order: the worker's shard is then the same rows in the same
+    order from run to run, which its seeded shuffle needs (the default takes the driver's context, unordered)."""
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
 
 
 def trainer(cfg, job: dict[str, Any], train_path: Path, dev_path: Path, run_config: ray.train.RunConfig) -> TorchTrainer:
@@ -115,7 +116,7 @@ def trainer(cfg, job: dict[str, Any], train_path: Path, dev_path: Path, run_conf
         train_loop_config=job,
         scaling_config=scaling_config(cfg),
         datasets={"train": read_quietly(train_path), "dev": read_quietly(dev_path)},
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        dataset_config=DataConfig(datasets_to_split=["train"], execution_options=ordered_ingest()),
         run_config=run_config,
     )
 

@@ -33,38 +33,3 @@ def test_dev_rows_are_read_once_and_served_again_every_epoch(monkeypatch):
     assert [len(batch["label"]) for batch in io.dev_rows(batch_size=8)] == [8, 2]
     assert dev.passes == 2
 
-
-class ArrivingShard:
-    """A train shard whose rows arrive in batches of another size on every pass, as they do under load."""
-
-    def __init__(self, rows: int, sizes: list[int]):
-        self.rows, self.sizes = rows, sizes
-
-    def iter_batches(self, batch_size: int, batch_format: str):
-        import pandas as pd
-
-        start = 0
-        for size in self.sizes * self.rows:
-            if start >= self.rows:
-                return
-            yield pd.DataFrame({"label": np.arange(start, min(start + size, self.rows))})
-            start += size
-
-
-def worker_io(monkeypatch, shard) -> RayTrainIO:
-    monkeypatch.setattr(ray.train, "get_context",
-                        lambda: SimpleNamespace(get_world_rank=lambda: 0, get_world_size=lambda: 1))
-    monkeypatch.setattr(ray.train, "get_dataset_shard", lambda name: {"train": shard}[name])
-    return RayTrainIO()
-
-
-def epoch(io: RayTrainIO, seed: int) -> list[int]:
-    return [int(label) for chunk in io.epoch_chunks(rows_per_chunk=4, seed=seed) for label in chunk["label"]]
-
-
-def test_an_epochs_order_follows_its_seed_however_the_rows_arrive(monkeypatch):
-    steady, bursty = worker_io(monkeypatch, ArrivingShard(20, [4])), worker_io(monkeypatch, ArrivingShard(20, [1, 7, 3]))
-    first = epoch(steady, seed=11)
-    assert sorted(first) == list(range(20)) and first != list(range(20))
-    assert epoch(bursty, seed=11) == first == epoch(steady, seed=11)
-    assert epoch(steady, seed=12) != first
