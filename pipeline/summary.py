@@ -15,6 +15,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from kd.methods import get_method
 from kd.students import parameter_counts
+from kd.worker import selection_metric
 from pipeline.report import ReportPaths, write_report
 from pipeline.report_stats import training_cost
 from pipeline.summary_schema import EnsembleMember, EnsembleSummary, Init, StudentSummary, Summary, TeacherSummary
@@ -26,8 +27,6 @@ SUMMARY_FILE = "summary.json"
 SEED_SUMMARIES = "summaries"
 
 
-def primary_metric(regression: bool) -> str:
-    return "pearson" if regression else "accuracy"
 
 
 def parameter_breakdown(model_dir: Path) -> dict:
@@ -90,7 +89,7 @@ def build_summary(exp, evaluations: dict, distills: dict, prepared: dict, train_
             method=spec.method,
             layers=spec.student.layers,
             init=Init(from_=spec.student.init_from,
-                      layers=get_method(spec.method)(spec.params).resolve_shape(spec.student).init),
+                      layers=spec.method_object().resolve_shape(spec.student).init),
             selected_epoch=distills[spec.name].result().get("selected_epoch"),
             hidden_size=spec.student.hidden_size or width,
             soft_labels=spec.soft_labels,
@@ -110,7 +109,7 @@ def build_summary(exp, evaluations: dict, distills: dict, prepared: dict, train_
             evaluate_dir=evaluations[spec.name].path,
             early_exit=early_exit,
         )
-    return Summary(experiment=exp.name, metric=primary_metric(exp.task.task_type == "regression"),
+    return Summary(experiment=exp.name, metric=selection_metric(exp.task.task_type == "regression"),
                    data_dir=prepared["data"].path, teacher=teacher, students=students,
                    ensemble=ensemble_summary(exp, prepared) if "ensemble_eval" in prepared else None)
 

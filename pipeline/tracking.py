@@ -126,7 +126,7 @@ class Tracker:
                         for key, value in numeric_leaves(record).items() if key != "step"]
         parameters = [Param(key, value) for key, value in loggable_params(params).items()]
         with self._lock:  # one writer at a time: a sqlite store refuses concurrent writes
-            for start in range(0, max(len(parameters), 1), MAX_PARAMS_PER_BATCH):
+            for start in range(0, len(parameters), MAX_PARAMS_PER_BATCH):
                 client.log_batch(run_id, params=parameters[start:start + MAX_PARAMS_PER_BATCH])
             for start in range(0, len(metrics), MAX_METRICS_PER_BATCH):
                 client.log_batch(run_id, metrics=metrics[start:start + MAX_METRICS_PER_BATCH])

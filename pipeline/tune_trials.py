@@ -34,16 +34,12 @@ CHECKPOINT_PATH_KEY = "checkpoint_path"
 
 
 def _expected_epochs(spec) -> int:
-    from kd.methods import get_method
-
-    method = get_method(spec.method)(spec.params)
+    method = spec.method_object()
     return sum(phase.epochs if phase.epochs is not None else spec.train.epochs for phase in method.phases())
 
 
 def _final_phase_epochs(spec) -> int:
-    from kd.methods import get_method
-
-    final = get_method(spec.method)(spec.params).phases()[-1]
+    final = spec.method_object().phases()[-1]
     return final.epochs if final.epochs is not None else spec.train.epochs
 
 

@@ -31,7 +31,8 @@ UNKEYED = {"keyed": False}
 
 
 def is_keyed(field) -> bool:
-    return (field.json_schema_extra or {}).get("keyed", True) if isinstance(field.json_schema_extra, dict) else True
+    extra = field.json_schema_extra
+    return not isinstance(extra, dict) or extra.get("keyed", True)
 
 
 def keyed_values(value: Any) -> Any:
