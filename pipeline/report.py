@@ -1,6 +1,6 @@
-"""The distillation report: ``report.md`` (every student against the teacher and against ``finetune`` of its own
-shape, over one or several seeds, with the significance tests, the Pareto set and the training cost), its figures,
-and the same table for the terminal. The numbers come from ``pipeline.report_stats``, the figures from
+"""The distillation report: ``report.md`` (every student against the teacher and against the baseline of its
+own shape, a student of its family trained on gold labels alone, over one or several seeds, with the significance
+tests, the Pareto set and the training cost), its figures, and the same table for the terminal. The numbers come from ``pipeline.report_stats``, the figures from
 ``pipeline.report_plots``.
 
 Pure: summaries, predictions and costs in, ``report.md`` and PNGs out. No Ray and no MLflow here; the caller
@@ -19,7 +19,7 @@ from rich.table import Table
 
 from pipeline.pareto import pareto_front
 from pipeline.report_plots import pareto_points, plot_early_exit, plot_metric_against_speedup, plot_training_cost
-from pipeline.report_stats import (BASELINE, PairedTest, SeedTest, Spread, StudentRow, early_exit_curves, paired_tests,
+from pipeline.report_stats import (PairedTest, SeedTest, Spread, StudentRow, early_exit_curves, paired_tests,
                                    seed_tests, student_rows)
 from pipeline.summary_schema import ParameterBreakdown, Summary
 
@@ -49,16 +49,16 @@ def _points(spread: Spread, signed: bool = False) -> str:
 
 def _gain_cell(row: StudentRow) -> str:
     if row.gain is None:
-        return "baseline" if row.method == BASELINE else "-"
+        return "baseline" if row.is_baseline else "-"
     return _points(row.gain, signed=True) + (" (within noise)" if row.within_noise else "")
 
 
 def _table(rows: list[StudentRow], metric: str) -> tuple[list[str], list[list[str]]]:
     headers = ["student", "method", "layers from", "layers", "hidden", "params", "compression", f"dev {metric}",
-               f"test {metric}", "retention (test)", "latency ms", "speedup", f"gain over {BASELINE} (test)"]
+               f"test {metric}", "retention (test)", "latency ms", "speedup", "gain over baseline (test)"]
     with_second = any(row.teacher_layers_baseline for row in rows)
     if with_second:
-        headers.append(f"gain over {BASELINE} from teacher layers (test)")
+        headers.append("gain over baseline from teacher layers (test)")
     cells = [[row.name, row.method, row.init_from, str(row.layers),
               "full" if row.hidden_size is None else str(row.hidden_size),
               f"{row.params / 1e6:.1f}M", f"{row.compression:.1f}×", _points(row.dev), _points(row.test),
@@ -101,8 +101,10 @@ def _teacher_line(summaries: Sequence[Summary]) -> str:
 def _noise_notes(summaries: Sequence[Summary], n_test: int) -> list[str]:
     seeds, metric = len(summaries), summaries[0].metric
     notes = ["Metrics are in points (×100). Retention is the student's test metric ÷ the teacher's; the gain is "
-             f"the student's test metric − that of the `{BASELINE}` student with the same layers and hidden size "
-             "(the best on dev when there are several; `-` when there is none), in points."]
+             "the student's test metric − that of the baseline with the same family, layers and hidden size (a "
+             "student trained on gold labels alone, such as `finetune`; from the pre-trained checkpoint "
+             "when there is one, the best on dev when there are several; `-` when there is none), in "
+             "points."]
     if seeds > 1:
         notes.append(f"Each metric cell is the mean ± sample standard deviation over {seeds} seeds; retention and "
                      "gain are computed per seed, then averaged; latency and speedup are means. A gain is marked "
@@ -122,11 +124,11 @@ def _noise_notes(summaries: Sequence[Summary], n_test: int) -> list[str]:
 
 
 def _paired_section(tests: list[PairedTest], seeds: int, metric: str) -> list[str]:
-    lines = [f"## Paired test against {BASELINE}", ""]
+    lines = ["## Paired test against the baseline", ""]
     if metric != "accuracy":
         return lines + [f"McNemar's test compares right and wrong answers; it does not apply to {metric}.", ""]
     if not tests:
-        return lines + [f"No student has a `{BASELINE}` student of its shape to be compared with.", ""]
+        return lines + ["No student has a baseline of its shape to be compared with.", ""]
     explanation = ("McNemar's exact test on the same test sentences: *b* counts the sentences the student gets right "
                    "and its baseline wrong, *c* the reverse; p is the two-sided binomial test of *b* against "
                    "Binomial(b + c, ½).")

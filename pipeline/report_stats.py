@@ -1,4 +1,5 @@
-"""The report's numbers: every student against the teacher and against ``finetune`` of its own shape, averaged
+"""The report's numbers: every student against the teacher and against the baseline of its own shape (a
+student trained on gold labels alone, ``kd.methods.base.Method.is_baseline``), averaged
 over the seeds' summaries, with McNemar's test per seed, a paired t-test across seeds (Holm-corrected) and the
 training cost. Pure: summaries and predictions in, dataclasses out; ``pipeline.report`` writes them."""
 
@@ -13,7 +14,6 @@ from scipy.stats import binomtest, ttest_rel
 
 from pipeline.summary_schema import StudentSummary, Summary
 
-BASELINE = "finetune"
 TEACHER_SIGNALS = ("cached", "online", "none")
 EXIT_FIELDS = ("dev_accuracy", "test_accuracy", "avg_exit_layer", "latency_ms", "speedup")
 
@@ -37,6 +37,7 @@ class StudentRow:
 
     name: str
     method: str
+    is_baseline: bool
     layers: int
     hidden_size: int | None
     params: int
@@ -107,8 +108,8 @@ def mcnemar(method_correct: np.ndarray, baseline_correct: np.ndarray) -> McNemar
     return McNemar(b, c, p_value)
 
 
-def _shape(student: StudentSummary) -> tuple[int, int | None]:
-    return student.layers, student.hidden_size
+def _shape(student: StudentSummary) -> tuple[str, int, int | None]:
+    return student.family, student.layers, student.hidden_size
 
 
 def _best_on_dev(candidates: list[str], students: Mapping[str, StudentSummary], metric: str) -> str | None:
@@ -116,24 +117,25 @@ def _best_on_dev(candidates: list[str], students: Mapping[str, StudentSummary], 
 
 
 def find_baseline(name: str, students: Mapping[str, StudentSummary], metric: str) -> str | None:
-    """What a user would do without a teacher: the ``finetune`` student with the same layers and hidden size as
-    ``name`` started from the pre-trained checkpoint; when several, the best on dev, so that a gain is measured
-    against the strongest baseline chosen without looking at test. Without one, any ``finetune`` of the shape."""
-    shaped = [other for other, s in students.items() if s.method == BASELINE and other != name
+    """What a user would do without a teacher: the baseline student (``finetune``, or a BiLSTM on gold labels
+    alone) of ``name``'s family, layers and hidden size, started from the pre-trained checkpoint; when several, the
+    best on dev, so that a gain is measured against the strongest baseline chosen without looking at test. Without
+    a pre-trained one, any baseline of the shape."""
+    shaped = [other for other, s in students.items() if s.baseline and other != name
               and _shape(s) == _shape(students[name])]
     pretrained = [other for other in shaped if students[other].init.from_ == "pretrained"]
-    if students[name].method == BASELINE:
+    if students[name].baseline:
         # A finetune from the teacher's layers is measured against the pre-trained one; that one is the baseline.
         return None if students[name].init.from_ == "pretrained" else _best_on_dev(pretrained, students, metric)
     return _best_on_dev(pretrained or shaped, students, metric)
 
 
 def find_teacher_layers_baseline(name: str, students: Mapping[str, StudentSummary], metric: str) -> str | None:
-    """The ``finetune`` student of ``name``'s shape started from the teacher's layers, when the headline baseline
-    is a pre-trained one (otherwise it is the headline baseline already)."""
-    if students[name].method == BASELINE:
+    """The baseline student of ``name``'s shape started from the teacher's layers, when the headline baseline is
+    a pre-trained one (otherwise it is the headline baseline already)."""
+    if students[name].baseline:
         return None
-    shaped = [other for other, s in students.items() if s.method == BASELINE
+    shaped = [other for other, s in students.items() if s.baseline
               and _shape(s) == _shape(students[name]) and s.init.from_ == "teacher"]
     headline = find_baseline(name, students, metric)
     if headline is None or students[headline].init.from_ != "pretrained":
@@ -185,10 +187,10 @@ def _check_summaries(summaries: Sequence[Summary]) -> None:
 
 
 def _row_order(item: tuple[str, StudentSummary]) -> tuple:
-    # Widest shapes first (a null hidden size is the teacher's width), the finetune baseline heading its shape.
+    # Deepest and widest shapes first (a null hidden size is the teacher's width), the baseline heading its shape.
     name, s = item
     hidden = math.inf if s.hidden_size is None else s.hidden_size
-    return -s.layers, -hidden, s.method != BASELINE, name
+    return -s.layers, -hidden, s.family, not s.baseline, name
 
 
 def student_rows(summaries: Sequence[Summary]) -> list[StudentRow]:
@@ -218,7 +220,7 @@ def student_rows(summaries: Sequence[Summary]) -> list[StudentRow]:
             noise = math.hypot(Spread.of(test).std, Spread.of(_test_metric(summaries, baseline)).std)
             within_noise = abs(gain.mean) < noise
         rows.append(StudentRow(
-            name=name, method=s.method, layers=s.layers, hidden_size=s.hidden_size, params=s.params,
+            name=name, method=s.method, is_baseline=s.baseline, layers=s.layers, hidden_size=s.hidden_size, params=s.params,
             compression=float(np.mean([x.students[name].compression for x in summaries])),
             dev=Spread.of([x.students[name].dev[metric] for x in summaries]), test=Spread.of(test),
             retention=Spread.of(test / teacher_test),
@@ -232,7 +234,7 @@ def student_rows(summaries: Sequence[Summary]) -> list[StudentRow]:
 
 def paired_tests(summaries: Sequence[Summary], predictions: Mapping[str, Sequence[np.ndarray]],
                  test_labels: np.ndarray) -> list[PairedTest]:
-    """McNemar's test of every student against its finetune baseline, once per seed on the same test
+    """McNemar's test of every student against its baseline, once per seed on the same test
     sentences (none for a regression metric). Seeds are not pooled: they share the sentences, so their
     discordant pairs are not independent and summing them would overstate the evidence."""
     _check_summaries(summaries)

@@ -85,11 +85,14 @@ def build_summary(exp, evaluations: dict, distills: dict, prepared: dict, train_
         if "early_exit" in result:
             early_exit = [{**point, "speedup": teacher.latency_ms / point["latency_ms"]}
                           for point in result["early_exit"]]
+        method = spec.method_object()
         students[spec.name] = StudentSummary(
             method=spec.method,
+            family=method.family,
+            baseline=method.is_baseline(),
             layers=spec.student.layers,
             init=Init(from_=spec.student.init_from,
-                      layers=spec.method_object().resolve_shape(spec.student).init),
+                      layers=method.resolve_shape(spec.student).init),
             selected_epoch=distills[spec.name].result().get("selected_epoch"),
             hidden_size=spec.student.hidden_size or width,
             soft_labels=spec.soft_labels,
@@ -102,7 +105,7 @@ def build_summary(exp, evaluations: dict, distills: dict, prepared: dict, train_
             compression_non_embedding=ratio(teacher_parameters["non_embedding_params"],
                                             parameters["non_embedding_params"]),
             speedup=teacher.latency_ms / result["latency_ms"],
-            teacher_signals=get_method(spec.method).teacher_signals(),
+            teacher_signals=method.teacher_signals(),
             epochs=len(epochs),
             epoch_seconds=float(np.mean([h["epoch_seconds"] for h in epochs])) if epochs else None,
             train_rows=train_rows[spec.name],

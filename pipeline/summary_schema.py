@@ -2,9 +2,10 @@
 typed and versioned model. ``pipeline.summary`` builds it and writes it to the workdir; the report, the registry
 and the benchmarks read it back through ``Summary.read``, so a field is named and typed here and nowhere else.
 
-Version 1 is the shape the pipeline has written since the fair protocol gave each student its ``init`` and
-``selected_epoch``. A file without ``schema_version`` was written before the version was recorded: it is read as
-version 1, and one that lacks a version-1 field is refused with the way to rewrite it.
+Version 2 gives each student its ``family`` and whether it is a ``baseline`` (learns from gold labels alone), which
+the report's choice of baseline reads; version 1 had neither. A file without ``schema_version`` was written before
+the version was recorded, so it is version 1. A file of another version, or one that lacks a field, is refused with
+the way to rewrite it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from kd.students import InitStrategy
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 REWRITE = ("rerun `python -m pipeline run` with the run's config, which recomputes none of the stages cached in "
            "the workdir and rewrites the summaries")
 
@@ -78,6 +79,8 @@ class EarlyExitPoint(_Record):
 
 class StudentSummary(_Record):
     method: str
+    family: str  # kd.methods.base.Method.family: the architectures a student is compared across
+    baseline: bool  # Method.is_baseline(): trained on gold labels alone
     layers: int
     init: Init
     selected_epoch: int | None
@@ -137,7 +140,7 @@ class Summary(_Record):
     @classmethod
     def read(cls, path: Path) -> Summary:
         data = json.loads(path.read_text())
-        version = data.get("schema_version", SCHEMA_VERSION)
+        version = data.get("schema_version", 1)
         if version != SCHEMA_VERSION:
             raise SummaryOutdated(f"{path} has summary schema version {version}; this code reads version "
                                   f"{SCHEMA_VERSION}; {REWRITE}")

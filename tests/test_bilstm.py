@@ -120,6 +120,15 @@ def test_loss_is_logit_mse_plus_weighted_cross_entropy():
     assert set(pure) == {"mse", "total"} and pure["total"].item() == pytest.approx(mse)
     mixed = get_method("bilstm")({"alpha": 0.25}).loss(out, teacher_out, {"labels": labels}, None, "train")
     assert mixed["total"].item() == pytest.approx(0.25 * mse + 0.75 * ce)
+    gold_only = get_method("bilstm")({"alpha": 0.0}).loss(out, teacher_out, {"labels": labels}, None, "train")
+    assert gold_only["total"].item() == pytest.approx(ce)
+
+
+def test_a_bilstm_on_gold_labels_alone_is_the_baseline_of_its_family():
+    assert get_method("bilstm")({"alpha": 0.0}).is_baseline()
+    assert not get_method("bilstm")({"alpha": 0.5}).is_baseline() and not get_method("bilstm")().is_baseline()
+    assert get_method("finetune")().is_baseline() and not get_method("kd")().is_baseline()
+    assert get_method("bilstm").family != get_method("finetune").family
 
 
 def test_distiller_trains_the_bilstm(tiny_teacher):

@@ -272,7 +272,8 @@ PARAMETERS = {"params": 50_000, "embedding_params": 20_000, "word_embedding_para
 def summary_entry(spec, dev: float, latency_ms: float, workdir: Path) -> StudentSummary:
     """A student of summary.json."""
     return StudentSummary(
-        method=spec.method, layers=spec.student.layers, init={"from": spec.student.init_from, "layers": "uniform"},
+        method=spec.method, family="transformer", baseline=spec.method_object().is_baseline(),
+        layers=spec.student.layers, init={"from": spec.student.init_from, "layers": "uniform"},
         selected_epoch=1, hidden_size=None, soft_labels=spec.soft_labels,
         dev={"accuracy": dev, "f1": dev, "mcc": 0.2}, test={"accuracy": dev - 0.05, "f1": dev, "mcc": 0.2},
         params=50_000, size_bytes=200_000, latency_ms=latency_ms, throughput=8000 / latency_ms, parameters=PARAMETERS,

@@ -25,9 +25,10 @@ def breakdown(params: int, hidden_size: int = 384) -> ParameterBreakdown:
 
 def student(method: str, layers: int, dev: float, test: float, hidden_size: int | None = None,
             params: int = 10_000_000, latency_ms: float = 20.0, init_from: str = "teacher",
-            metric: str = "accuracy") -> StudentSummary:
+            metric: str = "accuracy", family: str = "transformer", baseline: bool | None = None) -> StudentSummary:
     return StudentSummary(
-        method=method, layers=layers, init=Init(from_=init_from, layers="uniform"), selected_epoch=3,
+        method=method, family=family, baseline=method == "finetune" if baseline is None else baseline,
+        layers=layers, init=Init(from_=init_from, layers="uniform"), selected_epoch=3,
         hidden_size=hidden_size, soft_labels="teacher", dev={metric: dev}, test={metric: test}, params=params,
         size_bytes=params * 4, latency_ms=latency_ms, throughput=32_000 / latency_ms,
         parameters=breakdown(params, hidden_size or 384), compression=20_000_000 / params,
@@ -215,6 +216,23 @@ def test_headline_baseline_is_finetune_from_the_pretrained_checkpoint_and_teache
     assert find_teacher_layers_baseline("kd_3L", students, "accuracy") == "finetune_3L_teacher"
     assert find_baseline("finetune_3L_teacher", students, "accuracy") == "finetune_3L"
     assert find_baseline("finetune_3L", students, "accuracy") is None
+
+
+def test_a_student_is_compared_with_a_baseline_of_its_own_family():
+    students = {"finetune_1L_300": student("finetune", 1, dev=0.90, test=0.90, hidden_size=300),
+                "bilstm_ce": student("bilstm", 1, dev=0.70, test=0.70, hidden_size=300, family="bilstm",
+                                     baseline=True),
+                "bilstm_ce_5ep": student("bilstm", 1, dev=0.75, test=0.74, hidden_size=300, family="bilstm",
+                                         baseline=True),
+                "bilstm_augmented": student("bilstm", 1, dev=0.80, test=0.80, hidden_size=300, family="bilstm",
+                                            baseline=False)}
+    # The transformer of the same numbers is better on dev, but a BiLSTM is measured against BiLSTMs: the longer
+    # gold-label run, chosen on dev.
+    assert find_baseline("bilstm_augmented", students, "accuracy") == "bilstm_ce_5ep"
+    assert find_baseline("bilstm_ce", students, "accuracy") is None
+    rows = {row.name: row for row in student_rows([summary(students)])}
+    assert rows["bilstm_augmented"].gain.mean == pytest.approx(0.06)
+    assert rows["bilstm_ce"].is_baseline and not rows["bilstm_augmented"].is_baseline
 
 
 def test_seed_tests_pair_seeds_and_correct_for_the_students_compared():

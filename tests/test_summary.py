@@ -47,7 +47,7 @@ def test_the_file_keeps_its_shape_with_the_version_in_front(tmp_path):
     write_summaries(tmp_path, [plain])
     data = json.loads((tmp_path / SUMMARY_FILE).read_text())
     assert list(data) == ["schema_version", "experiment", "metric", "data_dir", "teacher", "students"]
-    assert data["schema_version"] == SCHEMA_VERSION == 1
+    assert data["schema_version"] == SCHEMA_VERSION == 2
     kd = data["students"]["kd_3L"]
     assert kd["init"] == {"from": "teacher", "layers": "uniform"} and kd["hidden_size"] is None
     assert "early_exit" not in kd and kd["evaluate_dir"] == "evaluate"
@@ -72,32 +72,30 @@ def test_a_run_with_fewer_seeds_leaves_no_per_seed_file_of_an_earlier_one(tmp_pa
     assert load_summaries(tmp_path) == [one_seed()]
 
 
-def test_a_file_written_before_the_version_was_recorded_reads_as_version_1(tmp_path):
+def test_a_file_written_before_the_version_was_recorded_is_version_1_and_refused(tmp_path):
     write_summaries(tmp_path, [with_seed_methods()])
     rewrite(tmp_path / SUMMARY_FILE, lambda data: data.pop("schema_version"))
-    assert Summary.read(tmp_path / SUMMARY_FILE) == with_seed_methods()
+    with pytest.raises(SummaryOutdated, match="has summary schema version 1; this code reads version 2"):
+        Summary.read(tmp_path / SUMMARY_FILE)
 
 
-def test_a_file_older_than_version_1_is_refused_with_the_command_that_rewrites_it(tmp_path):
+def test_a_file_missing_a_field_is_refused_with_the_command_that_rewrites_it(tmp_path):
     write_summaries(tmp_path, [one_seed()])
-
-    def before_the_fair_protocol(data):
-        del data["schema_version"], data["students"]["kd_3L"]["init"]
-    rewrite(tmp_path / SEED_SUMMARIES / "seed-0.json", before_the_fair_protocol)
+    rewrite(tmp_path / SEED_SUMMARIES / "seed-0.json", lambda data: data["students"]["kd_3L"].pop("baseline"))
     with pytest.raises(SummaryOutdated) as refused:
         load_summaries(tmp_path)
     message = str(refused.value)
-    assert "seed-0.json is not a version-1 summary (students.kd_3L.init: Field required)" in message
+    assert "seed-0.json is not a version-2 summary (students.kd_3L.baseline: Field required)" in message
     assert "rerun `python -m pipeline run`" in message and "\n" not in message
 
 
 def test_another_version_is_refused_and_the_cli_says_so_in_one_line(tmp_path):
     write_summaries(tmp_path, [one_seed()])
-    rewrite(tmp_path / SEED_SUMMARIES / "seed-0.json", lambda data: data.update(schema_version=2))
-    with pytest.raises(SummaryOutdated, match="has summary schema version 2; this code reads version 1"):
+    rewrite(tmp_path / SEED_SUMMARIES / "seed-0.json", lambda data: data.update(schema_version=3))
+    with pytest.raises(SummaryOutdated, match="has summary schema version 3; this code reads version 2"):
         load_summaries(tmp_path)
     result = CliRunner().invoke(app, ["report", str(tmp_path)])
-    assert result.exit_code == 1 and "schema version 2" in result.output
+    assert result.exit_code == 1 and "schema version 3" in result.output
     assert len(result.output.strip().splitlines()) == 1, result.output
 
 

@@ -64,6 +64,9 @@ class Method(ABC):
     bert_student: ClassVar[bool] = True
     # Its student can leave early at inference: its evaluation sweeps evaluate.exit_speeds.
     exits_early: ClassVar[bool] = False
+    # The architecture its students belong to. The report compares a student only with baselines of its family
+    # and shape: a BiLSTM is not measured against a 3-layer transformer that happens to share its numbers.
+    family: ClassVar[str] = "transformer"
 
     def __init__(self, params: MethodParams | Mapping[str, Any] | None = None):
         if params is None or isinstance(params, Mapping):
@@ -106,6 +109,11 @@ class Method(ABC):
         ``experiment`` (a ``pipeline.config.Experiment``), one message per problem, each starting with ``where``
         (e.g. ``students[1] (fast)``); called when the experiment is validated, before any model is read."""
         return []
+
+    def is_baseline(self) -> bool:
+        """Whether this student learns from gold labels alone, as a user without a teacher would train it: the
+        report measures every student of its family and shape against such a student."""
+        return False
 
     @property
     def needs_teacher_online(self) -> bool:

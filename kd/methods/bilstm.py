@@ -57,6 +57,12 @@ class BiLSTMDistillation(Method):
     cached_signals = frozenset({"logits"})
     default_data = "augmented"
     bert_student = False
+    family = "bilstm"
+
+    def is_baseline(self) -> bool:
+        # α = 0 is gold-label CE alone: the BiLSTM a user would train without a teacher, the BiLSTM students'
+        # baseline (the teacher's logits are still read, and weighted 0).
+        return self.params.alpha == 0
 
     def student_tokenizer(self, teacher_tokenizer: PreTrainedTokenizerBase,
                           train_texts: Iterable[str]) -> PreTrainedTokenizerBase:

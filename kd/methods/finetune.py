@@ -12,6 +12,9 @@ class FineTune(Method):
 
     name = "finetune"
 
+    def is_baseline(self) -> bool:
+        return True
+
     def loss(self, student_out, teacher_out, batch, auxiliary, phase):
         hard = hard_cross_entropy(student_out.logits, batch["labels"])
         return {"ce": hard, "total": hard}
