@@ -37,6 +37,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="Smoke run: 200 rows, every epoch count 1, 1 seed, workdir runs/bench_methods_quick.")
     args = parser.parse_args(argv)
+    # Another config's results go beside, not over, the benchmark's own.
+    stem = Path(args.config).stem
+    args.name = NAME if Path(args.config).resolve() == DEFAULT_CONFIG.resolve() else f"{NAME}_{stem}"
     if args.quick:
         args.seeds = 1
         args.workdir = args.workdir or str(QUICK_WORKDIR)
@@ -99,10 +102,10 @@ def main(argv: list[str] | None = None) -> dict:
     workdir = load_experiment(args.config, args.overrides, args.workdir).workdir
     summaries = load_summaries(workdir)
     console.print(report_table(summaries))
-    report_copy = copy_report(workdir, result_path(NAME, args.quick, ".md"))
+    report_copy = copy_report(workdir, result_path(args.name, args.quick, ".md"))
     results = {"pipeline_command": command, "wall_s": seconds, "workdir": str(workdir),
                "report": report_copy.name, "summaries": [summary.model_dump(mode="json") for summary in summaries]}
-    write_results(NAME, args.quick, machine, vars(args), results)
+    write_results(args.name, args.quick, machine, vars(args), results)
     return results
 
 

@@ -6,3 +6,4 @@ HISTORY_FILE = "history.json"  # per-epoch training records next to a checkpoint
 PRETRAINED_DIR = "pretrained"  # in a teacher artifact: the checkpoint it was fine-tuned from, with a fresh head
 MLM_DIR = "model"  # the masked-LM teacher inside its artifact
 TOKENIZER_DIR = "tokenizer"  # a student's own vocabulary inside a vocabulary artifact
+ENCODER_DIR = "encoder"  # a general-distillation artifact (and its checkpoints): the student encoder and tokenizer

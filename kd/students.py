@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -10,8 +11,14 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from transformers import BertConfig, BertForSequenceClassification, PreTrainedModel
 
 from kd.layer_maps import Strategy, teacher_layers
+from kd.models.factorised import FactorisedBertConfig, FactorisedBertForSequenceClassification
 
 InitStrategy = Literal["uniform", "top", "bottom", "skip", "last", "every_other", "random"]
+GENERAL_PREFIX = "general:"
+# The sources a student's layers can come from that are not a checkpoint's name.
+NAMED_SOURCES = ("teacher", "pretrained")
+# The fields a student from a checkpoint may leave out (to keep the checkpoint's) or repeat, but not change.
+INHERITED_FIELDS = ("hidden_size", "embedding_size", "attention_heads", "intermediate_size")
 
 
 class StudentShape(BaseModel):
@@ -20,19 +27,29 @@ class StudentShape(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     layers: int = Field(ge=1, description="Transformer blocks in the student.")
-    hidden_size: int | None = Field(default=None, ge=8, description="None keeps the teacher's width.")
+    hidden_size: int | None = Field(
+        default=None, ge=8, description="None keeps the width of the model the layers come from (init_from).")
+    embedding_size: int | None = Field(
+        default=None, ge=8,
+        description="Width E of the embedding tables, lifted to hidden_size by one linear map (ALBERT's factorised "
+        "embeddings, kd.models.factorised): the word table shrinks from vocab × hidden_size to vocab × E. The "
+        "student's hidden size: a plain BERT's embeddings; None: the teacher's (a plain BERT's for a BERT teacher).",
+    )
     attention_heads: int | None = Field(default=None, ge=1, description="None: keep the teacher's head size (64 or its own).")
     intermediate_size: int | None = Field(default=None, ge=8, description="None: 4 × hidden_size.")
-    init_from: Literal["teacher", "pretrained"] = Field(
+    init_from: str = Field(
         default="teacher",
-        description="Where the copied layers come from: the fine-tuned teacher (its pooler and classifier too), or "
-        "the pre-trained checkpoint the teacher was fine-tuned from, with a fresh classifier: what a user would "
-        "fine-tune without a teacher.",
+        description="Where the copied layers come from: 'teacher', the fine-tuned teacher (its pooler and classifier "
+        "too); 'pretrained', the checkpoint the teacher was fine-tuned from, with a fresh classifier: what a user "
+        "would fine-tune without a teacher; 'general:NAME', the encoder of this experiment's general distillation "
+        "NAME; or any checkpoint: a local folder, 'package:<module>/<folder>', or a hub name. From a checkpoint, "
+        "the widths left out are the checkpoint's.",
     )
     init: InitStrategy | list[int] | None = Field(
         default=None,
-        description="Teacher layers (1-based) to copy into the student, a named strategy, or 'random'; "
-        "None takes the method's own choice (DistilBERT every_other, PKD and TextSmooth bottom, else uniform).",
+        description="Layers (1-based) of the init_from model to copy into the student, a named strategy, or "
+        "'random'; None takes the method's own choice from the teacher (DistilBERT every_other, PKD and "
+        "TextSmooth bottom, else uniform) and uniform from any other model.",
     )
 
     @model_validator(mode="after")
@@ -41,8 +58,38 @@ class StudentShape(BaseModel):
             raise ValueError(f"init lists {len(self.init)} teacher layers for a student of {self.layers} layers")
         return self
 
+    @model_validator(mode="after")
+    def _init_from_is_a_source(self) -> "StudentShape":
+        if self.init_from.startswith(GENERAL_PREFIX) and not self.general_source:
+            raise ValueError("init_from: general:NAME needs the name of one of the experiment's general: entries")
+        if self.init_from.startswith((".", "/", "~")) and not Path(self.init_from).expanduser().is_dir():
+            raise ValueError(f"init_from {self.init_from!r} is not a folder")
+        return self
+
+    @property
+    def general_source(self) -> str | None:
+        """The general distillation this student starts from (``init_from: general:NAME``), if any."""
+        if self.init_from.startswith(GENERAL_PREFIX):
+            return self.init_from[len(GENERAL_PREFIX):]
+        return None
+
+    def fits_source(self, source: "StudentShape") -> list[str]:
+        """What stops this student from starting from a model of shape ``source``: more layers than it has, or a
+        width it does not have (a field left out takes the source's)."""
+        problems = []
+        if self.layers > source.layers:
+            problems.append(f"{self.layers} layers, but {self.init_from} has {source.layers}")
+        for name in INHERITED_FIELDS:
+            wanted, given = getattr(self, name), getattr(source, name)
+            if wanted is not None and wanted != given:
+                has = given if given is not None else "the teacher's"
+                problems.append(f"{name} {wanted}, but {self.init_from} has {has}; leave {name} out to take its own")
+        return problems
+
 
 def student_config(teacher_config: BertConfig, shape: StudentShape) -> BertConfig:
+    """The teacher's config at the student's depth and widths; a ``FactorisedBertConfig`` when ``embedding_size``
+    is set and differs from the student's hidden size."""
     config = copy.deepcopy(teacher_config)
     config.num_hidden_layers = shape.layers
     if shape.hidden_size is not None and shape.hidden_size != teacher_config.hidden_size:
@@ -58,6 +105,15 @@ def student_config(teacher_config: BertConfig, shape: StudentShape) -> BertConfi
             config.num_attention_heads = shape.attention_heads
         if shape.intermediate_size is not None:
             config.intermediate_size = shape.intermediate_size
+    if shape.embedding_size is not None:
+        # The settings as keywords of another config class; model_type would shadow the class's own.
+        settings = {key: value for key, value in config.to_dict().items()
+                    if key not in ("model_type", "architectures", "transformers_version", "embedding_size")}
+        if shape.embedding_size != config.hidden_size:
+            config = FactorisedBertConfig(**settings, embedding_size=shape.embedding_size,
+                                          attn_implementation=config._attn_implementation)
+        elif isinstance(config, FactorisedBertConfig):  # a factorised teacher, a student asking for plain embeddings
+            config = BertConfig(**settings, attn_implementation=config._attn_implementation)
     return config
 
 
@@ -78,9 +134,16 @@ def copied_layers(shape: StudentShape, n_teacher: int) -> list[int] | None:
 
 def build_student(teacher: PreTrainedModel, shape: StudentShape) -> BertForSequenceClassification:
     """A BERT classifier of ``shape``. With the teacher's width, embeddings, pooler, classifier and the
-    chosen blocks are copied; a narrower student can only start at random (nothing to copy into it)."""
+    chosen blocks are copied; a narrower student can only start at random (nothing to copy into it).
+
+    With ``embedding_size`` (and a hidden size other than it) the student is a
+    ``FactorisedBertForSequenceClassification`` (a ``BertForSequenceClassification`` subclass). Its embeddings (the E-wide tables, their LayerNorm, the lift to
+    the hidden width) always start at random: none of the teacher's fits them. Its blocks, pooler and classifier are
+    BERT's at the hidden width, so with the teacher's block width they are copied as for a plain student."""
     config = student_config(teacher.config, shape)
-    student = BertForSequenceClassification(config)
+    model_class = (FactorisedBertForSequenceClassification if isinstance(config, FactorisedBertConfig)
+                   else BertForSequenceClassification)
+    student = model_class(config)
     layers = copied_layers(shape, teacher.config.num_hidden_layers)
     same_width = config.hidden_size == teacher.config.hidden_size and (
         config.intermediate_size == teacher.config.intermediate_size
@@ -88,9 +151,13 @@ def build_student(teacher: PreTrainedModel, shape: StudentShape) -> BertForSeque
     )
     if layers is None or not same_width:
         return student
+    # Embeddings are copied only when the student's are laid out as the teacher's: both plain, or both factorised
+    # at the same E (a factorised teacher hands its architecture to a student that names no embedding_size).
+    same_embeddings = getattr(config, "embedding_size", None) == getattr(teacher.config, "embedding_size", None)
     teacher_bert = teacher.bert
     with torch.no_grad():
-        student.bert.embeddings.load_state_dict(teacher_bert.embeddings.state_dict())
+        if same_embeddings:
+            student.bert.embeddings.load_state_dict(teacher_bert.embeddings.state_dict())
         for student_index, teacher_layer in enumerate(layers):
             student.bert.encoder.layer[student_index].load_state_dict(
                 teacher_bert.encoder.layer[teacher_layer - 1].state_dict()

@@ -73,7 +73,8 @@ def teacher_outputs(method: Method, teacher: nn.Module | None, batch: Batch) -> 
             output_hidden_states="hidden_states" in method.online_signals,
             output_attentions="attentions" in method.online_signals,
         )
-    logits = batch[TEACHER_LOGITS] if TEACHER_LOGITS in batch else out.logits
+    # An encoder teacher (general distillation) has hidden states and no logits.
+    logits = batch[TEACHER_LOGITS] if TEACHER_LOGITS in batch else getattr(out, "logits", None)
     return TeacherOutputs(logits=logits, hidden_states=out.hidden_states, attentions=out.attentions)
 
 

@@ -98,16 +98,31 @@ def train_job(*, method: str, params: dict, shape: dict | None, settings: TrainS
     """Everything a worker needs, as plain data so it crosses to Ray workers cheaply. ``tokenizer`` is the
     teacher's; ``vocabulary`` a folder holding the student's own tokenizer, built once by the pipeline
     (``Method.vocabulary_key``); ``layer_source`` the checkpoint a student's layers are copied from when it is
-    not the teacher (``student.init_from: pretrained``)."""
+    not the teacher (``student.init_from``: the pre-trained checkpoint, a general distillation, any checkpoint)."""
     return {"layer_source": layer_source,
         "method": method, "params": params, "shape": shape, "settings": settings.model_dump(), "teacher": teacher,
         "init_model": init_model, "tokenizer": tokenizer, "vocabulary": vocabulary, "max_length": max_length,
         "num_labels": num_labels,
         "regression": regression, "train_rows": train_rows, "train_path": train_path, "torch_threads": torch_threads,
-        # Fault injection for the fault-tolerance test, read on the driver: rank 0 dies once at this step.
-        "fault_at_step": int(os.environ.get(FAULT_ENV, "0")),
-        "fault_marker": str(Path(tempfile.gettempdir()) / f"kd-fault-{uuid.uuid4().hex}"),
+        **fault_injection(),
     }
+
+
+def fault_injection() -> dict[str, Any]:
+    """Fault injection for the fault-tolerance tests, read on the driver (``KD_FAULT_AT_STEP``): rank 0 of the job
+    dies once, at that step; the marker file keeps the restarted worker going."""
+    return {"fault_at_step": int(os.environ.get(FAULT_ENV, "0")),
+            "fault_marker": str(Path(tempfile.gettempdir()) / f"kd-fault-{uuid.uuid4().hex}")}
+
+
+def fail_if_injected(job: Mapping[str, Any], step: int, rank: int) -> None:
+    """Die as a lost node would (no exception, no cleanup) at the job's fault step, once."""
+    fault_step = job.get("fault_at_step", 0)
+    if fault_step and rank == 0 and step >= fault_step:
+        marker = Path(job["fault_marker"])
+        if not marker.exists():
+            marker.touch()
+            os._exit(1)
 
 
 def dev_metrics(model: torch.nn.Module, collator: Collator, io: TrainIO, regression: bool, batch_size: int) -> dict:
@@ -221,17 +236,12 @@ def train_student(job: dict[str, Any], io: TrainIO, verbose: bool = True) -> Dis
         print(f"precision {distiller.precision_reason}", flush=True)
     metric = selection_metric(job["regression"])
     final_phase = len(distiller.phases) - 1
-    fault_step = job.get("fault_at_step", 0)
 
     def on_progress(metrics: dict) -> None:
         distiller.progress.history.append(metrics)
         if rank0 and verbose:
             _print_progress(distiller, metrics)
-        if fault_step and rank0 and distiller.progress.global_step >= fault_step:
-            marker = Path(job["fault_marker"])
-            if not marker.exists():  # once: the restarted worker must get past this step
-                marker.touch()
-                os._exit(1)  # dies as a lost node would: no exception, no cleanup
+        fail_if_injected(job, distiller.progress.global_step, io.rank)
 
     while not distiller.finished:
         phase = distiller.phases[distiller.progress.phase_index].name

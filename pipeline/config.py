@@ -14,8 +14,8 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from stages.config import (  # noqa: F401  (the sections are part of this module's public API)
-    PACKAGED_TEACHER, RT_SNIPPETS, AugmentConfig, EnsembleConfig, EvaluateConfig, LabelConfig, RayConfig, SplitNames,
-    StudentBase, StudentSpec, Strict, TaskConfig, TeacherConfig,
+    PACKAGED_TEACHER, RT_SNIPPETS, AugmentConfig, CorpusConfig, EnsembleConfig, EvaluateConfig, GeneralEntry,
+    LabelConfig, RayConfig, SplitNames, StudentBase, StudentSpec, Strict, TaskConfig, TeacherConfig,
 )
 
 
@@ -55,6 +55,9 @@ class Experiment(Strict):
         default=None, description="Teachers whose averaged soft labels students with soft_labels: ensemble learn from.")
     label: LabelConfig = Field(default_factory=LabelConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    general: list[GeneralEntry] = Field(
+        default_factory=list, description="General distillations: student encoders distilled on unlabelled text, "
+        "which students start from with student.init_from: general:NAME.")
     students: list[StudentSpec] = Field(min_length=1)
     ray: RayConfig = Field(default_factory=RayConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
@@ -65,6 +68,18 @@ class Experiment(Strict):
     @classmethod
     def _absolute_workdir(cls, workdir: Path) -> Path:
         return workdir.expanduser().resolve()  # Ray workers run in other folders, maybe on other nodes
+
+    @field_validator("general")
+    @classmethod
+    def _unique_general_names(cls, entries: list[GeneralEntry]) -> list[GeneralEntry]:
+        names = [entry.name for entry in entries]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"two general distillations are named {repeated[0]!r}")
+        return entries
+
+    def general_entry(self, name: str) -> GeneralEntry:
+        return next(entry for entry in self.general if entry.name == name)
 
     @field_validator("students")
     @classmethod
@@ -92,13 +107,37 @@ class Experiment(Strict):
             if spec.data == "augmented" and self.task.task_type == "regression":
                 problems.append(f"{where}: data: augmented needs a classification task (augmented rows are marked "
                                 "by the label -1)")
-        problems += self._seed_method_problems()
+        problems += self._seed_method_problems() + self._general_problems()
         if self.augment.rule == "tinybert" and self.teacher.mlm is None and any(
                 spec.data == "augmented" for spec in self.students):
             problems.append("augment.rule: tinybert draws replacements from the masked-LM teacher; set teacher.mlm")
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _general_problems(self) -> list[str]:
+        """Each ``general:`` entry can be made here, and each student that starts from one fits it."""
+        problems = []
+        for index, entry in enumerate(self.general):
+            where = f"general[{index}] ({entry.name})"
+            if (entry.teacher == "mlm" or entry.losses.masked) and self.teacher.mlm is None:
+                problems.append(f"{where}: teacher: mlm and the masked-LM losses read the masked-LM teacher; set "
+                                "teacher.mlm")
+            if entry.corpus.source == "augmented" and self.task.task_type == "regression":
+                problems.append(f"{where}: corpus.source: augmented needs a classification task")
+        names = {entry.name: entry for entry in self.general}
+        for index, spec in enumerate(self.students):
+            source = spec.student.general_source
+            if source is None:
+                continue
+            where = f"students[{index}] ({spec.name})"
+            if source not in names:
+                known = ", ".join(sorted(names)) or "none is defined"
+                problems.append(f"{where}: student.init_from names general distillation {source!r}; the "
+                                f"experiment's general: entries are {known}")
+                continue
+            problems += [f"{where}: {problem}" for problem in spec.student.fits_source(names[source].student)]
+        return problems
 
     def _seed_method_problems(self) -> list[str]:
         """Ensembles and task types: what each student asks for exists and fits."""

@@ -108,8 +108,8 @@ def mcnemar(method_correct: np.ndarray, baseline_correct: np.ndarray) -> McNemar
     return McNemar(b, c, p_value)
 
 
-def _shape(student: StudentSummary) -> tuple[str, int, int | None]:
-    return student.family, student.layers, student.hidden_size
+def _shape(student: StudentSummary) -> tuple[str, int, int | None, int | None]:
+    return student.family, student.layers, student.hidden_size, student.embedding_size
 
 
 def _best_on_dev(candidates: list[str], students: Mapping[str, StudentSummary], metric: str) -> str | None:

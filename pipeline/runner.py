@@ -32,11 +32,11 @@ from pipeline.ray_session import check_ray, ensure_ray, link_worker_logs
 from pipeline.summary import build_summary, summary_table, write_summaries, write_workdir_report
 from pipeline.summary_schema import Summary
 from pipeline.tracking import Tracker, log_report, remember_run
-from stages import augment, data, distill, evaluate, label, mlm_teacher, mlm_topk, teacher, vocabulary
+from stages import augment, data, distill, evaluate, general, label, mlm_teacher, mlm_topk, teacher, vocabulary
 from stages.config import StageConfig
 from kd.errors import StageError
 from stages.label import ensemble_temperature
-from kd.layout import STUDENT_DIR
+from kd.layout import ENCODER_DIR, STUDENT_DIR
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,10 @@ def without_mlm(teacher_config):
 
 def vocabulary_name(spec) -> str:
     return f"vocabulary:{spec.name}"
+
+
+def general_name(entry_name: str) -> str:
+    return f"general:{entry_name}"
 
 
 def members(prepared: dict[str, Artifact]) -> dict[str, Artifact]:
@@ -262,18 +266,12 @@ class PipelineRunner:
                           key=repr)
         smoothed = sorted({(spec.data, ensemble_temperature(spec)) for spec in students
                            if "mlm_topk" in get_method(spec.method).cached_signals}, key=repr)
-        tinybert_rule = any(data_name == "augmented" for data_name, _ in labelled) and exp.augment.rule == "tinybert"
-        if smoothed or tinybert_rule or any(spec.method_object().reads_mlm_teacher() for spec in students):
-            refs["mlm_teacher"] = self.add(StageNode(
-                "masked-LM teacher", "mlm_teacher", mlm_teacher.run, mlm_teacher.Config.of(exp),
-                {"data": refs["data"], "teacher": refs["teacher"]}, params=exp.teacher.mlm.model_dump()))
+        if smoothed or any(spec.method_object().reads_mlm_teacher() for spec in students):
+            self.plan_mlm_teacher(refs)
         if any(data_name == "augmented" for data_name, _ in labelled):
-            augment_inputs = {"data": refs["data"]}
-            if tinybert_rule:
-                augment_inputs["mlm_teacher"] = refs["mlm_teacher"]
-            refs["augment"] = self.add(StageNode(
-                f"augment ({exp.augment.rule})", "augment", augment.run,
-                augment.Config.of(exp, teacher=teacher_block), augment_inputs, params=exp.augment.model_dump()))
+            self.plan_augment(refs)
+        for name in sorted({spec.student.general_source for spec in students} - {None}):
+            self.plan_general(exp.general_entry(name), refs)
         for data_name, temperature in labelled:
             where = [data_name] if data_name != "task" else []
             if temperature is None:
@@ -298,6 +296,43 @@ class PipelineRunner:
             "evaluate teacher", "evaluate", evaluate.run, evaluate.Config.of(exp, teacher=teacher_block),
             {"model": refs["teacher"], "data": refs["data"]}))
         return refs
+
+    def plan_mlm_teacher(self, refs: dict[str, str]) -> str:
+        refs["mlm_teacher"] = self.add(StageNode(
+            "masked-LM teacher", "mlm_teacher", mlm_teacher.run, mlm_teacher.Config.of(self.exp),
+            {"data": refs["data"], "teacher": refs["teacher"]}, params=self.exp.teacher.mlm.model_dump()))
+        return refs["mlm_teacher"]
+
+    def plan_augment(self, refs: dict[str, str]) -> str:
+        """The augmented transfer corpus; its TinyBERT rule draws replacements from the masked-LM teacher."""
+        exp = self.exp
+        inputs = {"data": refs["data"]}
+        if exp.augment.rule == "tinybert":
+            inputs["mlm_teacher"] = self.plan_mlm_teacher(refs)
+        refs["augment"] = self.add(StageNode(
+            f"augment ({exp.augment.rule})", "augment", augment.run,
+            augment.Config.of(exp, teacher=without_mlm(exp.teacher)), inputs, params=exp.augment.model_dump()))
+        return refs["augment"]
+
+    def plan_general(self, entry, refs: dict[str, str]) -> str:
+        """A general distillation (``general:`` entry): it reads the task's data only for a ``task`` or
+        ``augmented`` corpus and the teachers it learns from, so one over WordNet from the pre-trained checkpoint
+        starts with the run, beside the teacher's fine-tuning."""
+        inputs = {}
+        if entry.corpus.source in ("task", "augmented"):
+            inputs["data"] = refs["data"]
+        if entry.corpus.source == "augmented":
+            inputs["augment"] = self.plan_augment(refs)
+        if entry.teacher == "finetuned":
+            inputs["teacher"] = refs["teacher"]
+        if entry.teacher == "mlm" or entry.losses.masked:
+            inputs["mlm_teacher"] = self.plan_mlm_teacher(refs)
+        name = general_name(entry.name)
+        refs[name] = self.add(StageNode(
+            f"general distillation ({entry.name})", "general", general.run,
+            general.Config.of(self.exp, general=entry, teacher=without_mlm(self.exp.teacher)), inputs,
+            params=entry.model_dump(mode="json"), artifacts=lambda art: {"encoder": art.path / ENCODER_DIR}))
+        return refs[name]
 
     def plan_ensemble(self, refs: dict[str, str]) -> None:
         """Each member of the ensemble as a teacher node of its own (a member equal to ``teacher`` is that node's
@@ -328,6 +363,8 @@ class PipelineRunner:
             inputs["mlm_teacher"] = refs["mlm_teacher"]
         if vocabulary_name(spec) in refs:
             inputs["vocabulary"] = refs[vocabulary_name(spec)]
+        if spec.student.general_source is not None:
+            inputs["layers"] = refs[general_name(spec.student.general_source)]
         source = spec.method_object().starts_from()
         if source is not None:
             if source not in (distills or {}):
@@ -367,6 +404,8 @@ class PipelineRunner:
 
     def plan(self) -> tuple[dict[str, str], list[dict[str, tuple[Any, str, str]]]]:
         refs = self.plan_prepare(self.exp.students)
+        for entry in self.exp.general:  # also those no student starts from: their encoders are outputs too
+            self.plan_general(entry, refs)
         return refs, [self.plan_students(refs, offset) for offset in range(self.seeds)]
 
     # --- running --------------------------------------------------------------------------------------------

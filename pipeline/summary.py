@@ -35,7 +35,9 @@ def parameter_breakdown(model_dir: Path) -> dict:
     config = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):
         model = AutoModelForSequenceClassification.from_config(config)
-    return {**parameter_counts(model), "vocab_size": config.vocab_size, "hidden_size": config.hidden_size}
+    factorised = getattr(config, "embedding_size", config.hidden_size) != config.hidden_size
+    return {**parameter_counts(model), "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
+            "embedding_size": config.embedding_size if factorised else None}
 
 
 def ratio(teacher: float, student: float) -> float:
@@ -89,12 +91,14 @@ def build_summary(exp, evaluations: dict, distills: dict, prepared: dict, train_
         students[spec.name] = StudentSummary(
             method=spec.method,
             family=method.family,
-            baseline=method.is_baseline(),
+            # A gold-label student that starts from a general distillation has learned from the teacher already.
+            baseline=method.is_baseline() and spec.student.general_source is None,
             layers=spec.student.layers,
             init=Init(from_=spec.student.init_from,
                       layers=method.resolve_shape(spec.student).init),
             selected_epoch=distills[spec.name].result().get("selected_epoch"),
             hidden_size=spec.student.hidden_size or width,
+            embedding_size=parameters["embedding_size"],
             soft_labels=spec.soft_labels,
             dev=result["dev"],
             test=result["test"],

@@ -45,6 +45,7 @@ class ParameterBreakdown(_Record):
     non_embedding_params: int
     vocab_size: int
     hidden_size: int
+    embedding_size: int | None = None  # factorised embeddings' width (kd.models.factorised); None: hidden_size
 
 
 class TeacherSummary(_Record):
@@ -60,9 +61,10 @@ class TeacherSummary(_Record):
 
 
 class Init(_Record):
-    """Where a student's weights started: the fine-tuned teacher's or the pre-trained checkpoint's layers, which."""
+    """Where a student's weights started (the fine-tuned teacher, the pre-trained checkpoint, a general distillation
+    or another checkpoint), and which of its layers."""
 
-    from_: Literal["teacher", "pretrained"] = Field(alias="from")
+    from_: str = Field(alias="from")  # teacher, pretrained, general:NAME, or a checkpoint
     layers: InitStrategy | list[int]
 
 
@@ -80,11 +82,12 @@ class EarlyExitPoint(_Record):
 class StudentSummary(_Record):
     method: str
     family: str  # kd.methods.base.Method.family: the architectures a student is compared across
-    baseline: bool  # Method.is_baseline(): trained on gold labels alone
+    baseline: bool  # Method.is_baseline(), and not from a general distillation: no teacher anywhere
     layers: int
     init: Init
     selected_epoch: int | None
     hidden_size: int | None  # None: the teacher's width
+    embedding_size: int | None = None  # factorised embeddings' width; None: the hidden width
     soft_labels: Literal["teacher", "ensemble"]
     dev: Metrics
     test: Metrics

@@ -19,6 +19,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from kd.augment import AugmentSettings
+from kd.general import GeneralLosses, GeneralSettings
 from kd.methods import METHODS, Method
 from kd.mlm import MlmSettings
 from kd.students import StudentShape
@@ -268,6 +269,57 @@ class EvaluateConfig(Strict):
     exit_speeds: list[Annotated[float, Field(ge=0, le=1)]] = Field(
         default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8], min_length=1, json_schema_extra=UNKEYED,
         description="FastBERT students: the entropy thresholds swept at evaluation (0: no early exit).")
+
+
+# The corpus sources by name; any other source is a local path.
+TEXT = "text"
+WORDNET, TASK, AUGMENTED = "wordnet", "task", "augmented"
+HUB = "hub:"
+
+
+class CorpusConfig(Strict):
+    """Where a general distillation's unlabelled text comes from (``stages.corpus`` reads it): ``wordnet`` (packaged,
+    offline), ``task``, ``augmented``, a local file or folder, or ``hub:NAME[/CONFIG]``."""
+
+    source: str = WORDNET
+    text_column: str = TEXT  # the column of a .parquet, .jsonl or hub source that holds the text
+    max_sentences: int | None = Field(default=None, ge=1)  # a cap, for smoke runs
+
+    @field_validator("source")
+    @classmethod
+    def _local_path_exists(cls, source: str) -> str:
+        if source in (WORDNET, TASK, AUGMENTED) or source.startswith(HUB):
+            return source
+        if not Path(source).expanduser().exists():
+            raise ValueError(f"{source!r} is not {WORDNET!r}, {TASK!r}, {AUGMENTED!r} or 'hub:NAME', and no file "
+                             f"or folder of that name exists")
+        return source
+
+
+class GeneralEntry(Strict):
+    """One general distillation (``general:`` in the experiment): a student encoder distilled from the teacher's
+    on unlabelled text, which students start from with ``student.init_from: general:NAME``."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    corpus: CorpusConfig = Field(default_factory=CorpusConfig)
+    teacher: Literal["pretrained", "finetuned", "mlm"] = Field(
+        default="pretrained", description="The encoder it learns from: the checkpoint teacher.source names (TinyBERT: "
+        "the pre-trained model), the fine-tuned teacher, or the masked-LM teacher (teacher.mlm).")
+    student: StudentShape = Field(description="The encoder's shape; init: random unless it names teacher layers.")
+    losses: GeneralLosses = Field(default_factory=GeneralLosses)
+    train: GeneralSettings = Field(default_factory=GeneralSettings)
+
+    @model_validator(mode="after")
+    def _coherent(self) -> "GeneralEntry":
+        if self.student.init_from != "teacher":
+            raise ValueError("student.init_from: a general distillation's student is built from the teacher it "
+                             "learns from; leave init_from out")
+        if self.student.init is None:
+            self.student = self.student.model_copy(update={"init": "random"})
+        if self.losses.soft_mlm and self.teacher != "mlm":
+            raise ValueError("losses.soft_mlm reads the masked-LM teacher's distribution, whose head only fits its "
+                             "own hidden states: set teacher: mlm")
+        return self
 
 
 class StageConfig(BaseModel):

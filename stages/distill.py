@@ -17,12 +17,13 @@ import ray.train
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from kd.layout import HISTORY_FILE, MLM_DIR, PRETRAINED_DIR, STUDENT_DIR, TOKENIZER_DIR
+from kd.layout import ENCODER_DIR, HISTORY_FILE, MLM_DIR, PRETRAINED_DIR, STUDENT_DIR, TOKENIZER_DIR
 from kd.methods import get_method
 from kd.worker import Rows, as_path, kept_student, selected_epoch, train_job, train_student
 from stages.config import RunPlace, StudentSpec, TaskConfig, TeacherConfig
 from kd.errors import StageError
 from stages.label import ensemble_temperature
+from stages.models import resolve_model_source
 
 
 class RayTrainIO:
@@ -181,14 +182,6 @@ def student_job(cfg, spec, inputs) -> tuple[dict[str, Any], Path]:
     wrapping it; its own tokenizer comes along); a ``vocabulary`` input holds the student's own tokenizer."""
     check_prepared_for(spec, inputs)
     teacher_dir = str(inputs["source" if "source" in inputs else "teacher"].path / STUDENT_DIR)
-    layer_source = None
-    if spec.student.init_from == "pretrained":
-        pretrained = inputs["teacher"].path / PRETRAINED_DIR
-        if not pretrained.exists():
-            raise StageError(f"{spec.name}: student.init_from: pretrained copies the checkpoint the teacher was "
-                             f"fine-tuned from, and this teacher ({cfg.teacher.source}) was not fine-tuned by the "
-                             "pipeline; use init_from: teacher, or teacher.finetune: always")
-        layer_source = str(pretrained)
     train_source, train_rows = train_corpus(inputs)
     job = train_job(
         method=spec.method, params=student_params(spec, inputs), shape=spec.student.model_dump(), settings=spec.train,
@@ -196,9 +189,27 @@ def student_job(cfg, spec, inputs) -> tuple[dict[str, Any], Path]:
         num_labels=cfg.task.num_labels, regression=cfg.task.task_type == "regression", train_rows=train_rows,
         train_path=str(train_source), torch_threads=cfg.ray.threads_per_worker,
         vocabulary=str(inputs["vocabulary"].path / TOKENIZER_DIR) if "vocabulary" in inputs else None,
-        layer_source=layer_source,
+        layer_source=layer_source(cfg, spec, inputs),
     )
     return job, train_source
+
+
+def layer_source(cfg, spec, inputs) -> str | None:
+    """The checkpoint whose layers the student copies when it is not the fine-tuned teacher: the one the teacher
+    was fine-tuned from, a general distillation of this experiment (the ``layers`` input), or any checkpoint."""
+    init_from = spec.student.init_from
+    if init_from == "teacher":
+        return None
+    if init_from == "pretrained":
+        pretrained = inputs["teacher"].path / PRETRAINED_DIR
+        if not pretrained.exists():
+            raise StageError(f"{spec.name}: student.init_from: pretrained copies the checkpoint the teacher was "
+                             f"fine-tuned from, and this teacher ({cfg.teacher.source}) was not fine-tuned by the "
+                             "pipeline; use init_from: teacher, or teacher.finetune: always")
+        return str(pretrained)
+    if "layers" in inputs:
+        return str(inputs["layers"].path / ENCODER_DIR)
+    return resolve_model_source(init_from, field=f"{spec.name}: student.init_from")
 
 
 def run(cfg: Config, inputs, ctx, out: Path) -> dict:

@@ -202,8 +202,9 @@ def seed_summary(accuracy_shift: float = 0.0) -> dict:
     parameters = lambda params, embeddings, vocab: {  # noqa: E731
         "params": params, "embedding_params": embeddings, "word_embedding_params": embeddings - 1000,
         "non_embedding_params": params - embeddings, "vocab_size": vocab, "hidden_size": 384}
-    base = {"layers": 6, "hidden_size": None, "dev": {"accuracy": 0.8}, "test": {"accuracy": 0.8 + accuracy_shift},
-            "params": 20_000_000, "size_bytes": 1, "latency_ms": 60.0, "throughput": 1.0, "compression": 1.0,
+    base = {"family": "transformer", "baseline": False, "layers": 6, "hidden_size": None, "dev": {"accuracy": 0.8},
+            "test": {"accuracy": 0.8 + accuracy_shift}, "params": 20_000_000, "size_bytes": 1, "latency_ms": 60.0,
+            "throughput": 1.0, "compression": 1.0,
             "compression_embeddings": 1.0, "compression_non_embedding": 1.0, "speedup": 1.0,
             "parameters": parameters(20_000_000, 12_000_000, 30522), "init": {"from": "teacher", "layers": "uniform"},
             "selected_epoch": 1, "teacher_signals": "cached", "epochs": 1, "epoch_seconds": 1.0, "train_rows": 10,

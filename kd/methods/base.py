@@ -18,7 +18,7 @@ from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerB
 
 from kd.batching import Collator
 from kd.layer_maps import LayerMatch
-from kd.students import StudentShape, build_student
+from kd.students import NAMED_SOURCES, StudentShape, build_student
 
 CACHED_SIGNALS = frozenset({"logits", "mlm_topk"})  # mlm_topk: the teacher's top-k masked-LM distribution per token
 ONLINE_SIGNALS = frozenset({"logits", "hidden_states", "attentions"})
@@ -124,8 +124,13 @@ class Method(ABC):
         return bool(self.cached_signals or self.online_signals)
 
     def resolve_shape(self, shape: StudentShape) -> StudentShape:
-        """The shape with ``init`` filled in by the method's default when the experiment leaves it out."""
-        return shape if shape.init is not None else shape.model_copy(update={"init": self.default_init})
+        """The shape with ``init`` filled in when the experiment leaves it out: the method's default over the
+        teacher's (or its pre-trained checkpoint's) layers; from any other model, its layers in order (uniform),
+        since the method's choice was made for the teacher's depth."""
+        if shape.init is not None:
+            return shape
+        default = self.default_init if shape.init_from in NAMED_SOURCES else "uniform"
+        return shape.model_copy(update={"init": default})
 
     def student_tokenizer(self, teacher_tokenizer: PreTrainedTokenizerBase,
                           train_texts: Iterable[str]) -> PreTrainedTokenizerBase:

@@ -55,6 +55,32 @@ def align_heads(student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Ten
     return student.mean(1, keepdim=True), teacher.mean(1, keepdim=True)
 
 
+def intermediate_terms(matches: list[LayerMatch], student_out, teacher_out, auxiliary: torch.nn.ModuleDict,
+                       token_mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """TinyBERT's layer-to-layer terms, summed per feature (``embedding``, ``attention``, ``hidden``) over
+    ``matches``: what the intermediate phase and general distillation (``kd.general``) both minimise.
+    ``auxiliary`` holds the ``embedding`` and ``hidden`` width projections; padded tokens are left out."""
+    if not student_out.attentions or not teacher_out.attentions:  # sdpa gives None or an empty tuple
+        if any(match.feature == "attention" for match in matches):
+            raise ValueError("the attention terms need the attention scores of student and teacher: use "
+                             f"attn_implementation={SCORES_ATTENTION!r} (kd.attention) for both; sdpa returns no "
+                             "attention maps")
+    attention_mask = pair_mask(token_mask)
+    terms = {feature: teacher_out.hidden_states[0].new_zeros(()) for feature in ("embedding", "attention", "hidden")}
+    for match in matches:
+        loss = get_loss(match.loss)
+        if match.feature == "attention":
+            # attentions[i] belongs to block i + 1: the tuple has no embedding entry.
+            student_att, teacher_att = align_heads(student_out.attentions[match.student_layer - 1],
+                                                   teacher_out.attentions[match.teacher_layer - 1])
+            value = loss(student_att, teacher_att, attention_mask)
+        else:
+            student_hidden = auxiliary[match.feature](student_out.hidden_states[match.student_layer])
+            value = loss(student_hidden, teacher_out.hidden_states[match.teacher_layer], token_mask)
+        terms[match.feature] = terms[match.feature] + match.weight * value
+    return terms
+
+
 @register_method
 class TinyBert(Method):
     """Two phases in one run. Intermediate, with g the layer map (uniform: g(m) = m · N/M):
@@ -103,24 +129,8 @@ class TinyBert(Method):
             return {"soft_ce": soft, "total": soft}
         if phase != INTERMEDIATE:
             raise ValueError(f"tinybert has no phase {phase!r}; its phases are {INTERMEDIATE!r}, {PREDICTION!r}")
-        if not student_out.attentions or not teacher_out.attentions:  # sdpa gives None or an empty tuple
-            raise ValueError("tinybert needs the attention scores of student and teacher: use attn_implementation="
-                             f"{SCORES_ATTENTION!r} (kd.attention) for both; sdpa returns no attention maps")
-        token_mask = batch.get("attention_mask")
-        attention_mask = pair_mask(token_mask)
-        terms = {feature: student_out.logits.new_zeros(()) for feature in ("embedding", "attention", "hidden")}
         matches = self.layer_matches(len(teacher_out.hidden_states) - 1, len(student_out.hidden_states) - 1)
-        for match in matches:
-            loss = get_loss(match.loss)
-            if match.feature == "attention":
-                # attentions[i] belongs to block i + 1: the tuple has no embedding entry.
-                student_att, teacher_att = align_heads(student_out.attentions[match.student_layer - 1],
-                                                       teacher_out.attentions[match.teacher_layer - 1])
-                value = loss(student_att, teacher_att, attention_mask)
-            else:
-                student_hidden = auxiliary[match.feature](student_out.hidden_states[match.student_layer])
-                value = loss(student_hidden, teacher_out.hidden_states[match.teacher_layer], token_mask)
-            terms[match.feature] = terms[match.feature] + match.weight * value
+        terms = intermediate_terms(matches, student_out, teacher_out, auxiliary, batch.get("attention_mask"))
         w = self.params.weights
         total = w.embedding * terms["embedding"] + w.attention * terms["attention"] + w.hidden * terms["hidden"]
         return {**terms, "total": total}
