@@ -121,6 +121,16 @@ class GeneralSettings(BaseModel):
                              precision=self.precision, bucket_batches=1, seed=self.seed)
 
 
+def general_matches(losses: GeneralLosses, n_teacher: int, n_student: int) -> list[LayerMatch]:
+    """TinyBERT's layer-to-layer terms that are on: the embedding pair (0, 0), then an attention and a hidden pair
+    per student layer by ``losses.strategy``."""
+    matches = [LayerMatch(student_layer=0, teacher_layer=0, feature="embedding", loss="mse")] if losses.embedding else []
+    for feature, weight in (("attention", losses.attention), ("hidden", losses.hidden)):
+        if weight:
+            matches += expand_strategy(losses.strategy, n_teacher, n_student, feature=feature, loss="mse")
+    return matches
+
+
 class GeneralDistillation(Method):
     """The general-distillation objective (module docstring) as a ``kd.methods.base.Method`` that
     ``kd.training.Distiller`` runs; not registered: it trains encoders, not task students."""
@@ -142,12 +152,7 @@ class GeneralDistillation(Method):
         return [Phase(GENERAL_PHASE)]
 
     def layer_matches(self, n_teacher: int, n_student: int) -> list[LayerMatch]:
-        p = self.params
-        matches = [LayerMatch(student_layer=0, teacher_layer=0, feature="embedding", loss="mse")] if p.embedding else []
-        for feature, weight in (("attention", p.attention), ("hidden", p.hidden)):
-            if weight:
-                matches += expand_strategy(p.strategy, n_teacher, n_student, feature=feature, loss="mse")
-        return matches
+        return general_matches(self.params, n_teacher, n_student)
 
     def auxiliary_modules(self, student, teacher):
         modules = width_projections(student, teacher, ["embedding", "hidden"])

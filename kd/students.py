@@ -8,7 +8,7 @@ from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from transformers import BertConfig, BertForSequenceClassification, PreTrainedModel
+from transformers import BertConfig, BertForSequenceClassification, PretrainedConfig, PreTrainedModel
 
 from kd.layer_maps import Strategy, teacher_layers
 from kd.models.factorised import FactorisedBertConfig, FactorisedBertForSequenceClassification
@@ -19,6 +19,7 @@ GENERAL_PREFIX = "general:"
 NAMED_SOURCES = ("teacher", "pretrained")
 # The fields a student from a checkpoint may leave out (to keep the checkpoint's) or repeat, but not change.
 INHERITED_FIELDS = ("hidden_size", "embedding_size", "attention_heads", "intermediate_size")
+LAYER_SOURCE_TYPES = ("bert", FactorisedBertConfig.model_type)
 
 
 class StudentShape(BaseModel):
@@ -85,6 +86,13 @@ class StudentShape(BaseModel):
                 has = given if given is not None else "the teacher's"
                 problems.append(f"{name} {wanted}, but {self.init_from} has {has}; leave {name} out to take its own")
         return problems
+
+
+def check_layer_source(config: PretrainedConfig, name: str) -> None:
+    """Raise ValueError unless ``config`` is a BERT encoder's, the models whose layers a student copies."""
+    if config.model_type not in LAYER_SOURCE_TYPES:
+        raise ValueError(f"{name} is a {config.model_type!r} model, not a BERT encoder "
+                         f"({', '.join(LAYER_SOURCE_TYPES)}) whose layers a student can copy")
 
 
 def student_config(teacher_config: BertConfig, shape: StudentShape) -> BertConfig:

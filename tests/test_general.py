@@ -213,3 +213,52 @@ def test_two_workers_distil_an_encoder_that_a_student_starts_from(smoke_pipeline
     assert students["kd_small"]["parameters"]["embedding_size"] == 64
     assert students["kd_small"]["init"]["from"] == "general:small"
     assert encoder.config.hidden_size == 128
+
+
+# --- validation before any Ray work -------------------------------------------------------------------------
+
+
+def validate_with(*overrides: str):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    arguments = [part for override in overrides for part in ("--set", override)]
+    return CliRunner().invoke(app, ["validate", str(SMOKE_CONFIG), *arguments])
+
+
+GENERAL = "general=[{name: g, student: {layers: 4, hidden_size: 256, embedding_size: 128, attention_heads: 4}}]"
+
+
+def test_a_student_from_a_general_distillation_validates_and_must_fit_it():
+    assert validate_with(GENERAL, "students.kd_2L.student.init_from=general:g").exit_code == 0
+    deeper = validate_with(GENERAL, "students.kd_2L.student={layers: 5, init_from: 'general:g'}")
+    assert deeper.exit_code == 2 and "5 layers, but general:g has 4" in deeper.output
+    wider = validate_with(GENERAL, "students.kd_2L.student={layers: 2, hidden_size: 384, init_from: 'general:g'}")
+    assert wider.exit_code == 2 and "hidden_size 384, but general:g has 256" in wider.output
+    unknown = validate_with("students.kd_2L.student.init_from=general:nowhere")
+    assert unknown.exit_code == 2 and "names general distillation 'nowhere'" in unknown.output
+
+
+def test_a_shape_that_cannot_be_built_is_refused_before_any_ray_work():
+    result = validate_with("general=[{name: g, student: {layers: 2, hidden_size: 250, attention_heads: 4}}]")
+    assert result.exit_code == 2
+    assert "general[0] (g).student: hidden_size 250 is not divisible by 4 attention heads" in result.output
+
+
+def test_masked_lm_terms_need_the_masked_lm_teacher():
+    result = validate_with("general=[{name: g, student: {layers: 2}, losses: {mlm: 1.0}}]")
+    assert result.exit_code == 2 and "set teacher.mlm" in result.output
+    soft = validate_with("general=[{name: g, student: {layers: 2}, losses: {soft_mlm: 1.0}}]")
+    assert soft.exit_code == 2 and "set teacher: mlm" in soft.output
+
+
+def test_a_checkpoint_that_is_not_a_bert_encoder_is_refused(tmp_path):
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=2, n_embd=16, n_head=2).save_pretrained(tmp_path / "gpt2")
+    result = validate_with(f"students.kd_2L.student.init_from={tmp_path / 'gpt2'}")
+    assert result.exit_code == 2, result.output
+    assert "is a 'gpt2' model, not a BERT encoder" in result.output
+    missing = validate_with(f"students.kd_2L.student.init_from={tmp_path / 'nothing'}")
+    assert missing.exit_code == 2 and "is not a folder" in missing.output
