@@ -262,3 +262,14 @@ def test_a_checkpoint_that_is_not_a_bert_encoder_is_refused(tmp_path):
     assert "is a 'gpt2' model, not a BERT encoder" in result.output
     missing = validate_with(f"students.kd_2L.student.init_from={tmp_path / 'nothing'}")
     assert missing.exit_code == 2 and "is not a folder" in missing.output
+
+
+def test_methods_that_build_their_own_student_refuse_a_checkpoint_or_factorised_embeddings():
+    bilstm = ("students=[{name: lstm, method: bilstm, data: task, student: {layers: 1, hidden_size: 300, "
+              "init_from: 'general:g'}}]")
+    result = validate_with(GENERAL, bilstm)
+    assert result.exit_code == 2 and "bilstm builds a student of its own kind" in result.output
+    dual = ("students=[{name: dual, method: dualtrain, student: {layers: 2, init_from: 'general:g'}, "
+            "params: {vocab_size: 5000}}]")
+    result = validate_with(GENERAL, dual)
+    assert result.exit_code == 2 and "a student with embedding_size 128 cannot take it" in result.output

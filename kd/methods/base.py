@@ -64,6 +64,9 @@ class Method(ABC):
     bert_student: ClassVar[bool] = True
     # Its student can leave early at inference: its evaluation sweeps evaluate.exit_speeds.
     exits_early: ClassVar[bool] = False
+    # Its student is built by kd.students.build_student, so it copies its layers from student.init_from and takes
+    # student.embedding_size; False: the method builds a student of its own kind, and neither applies.
+    copies_layers: ClassVar[bool] = True
     # The architecture its students belong to. The report compares a student only with baselines of its family
     # and shape: a BiLSTM is not measured against a 3-layer transformer that happens to share its numbers.
     family: ClassVar[str] = "transformer"

@@ -57,6 +57,7 @@ class BiLSTMDistillation(Method):
     cached_signals = frozenset({"logits"})
     default_data = "augmented"
     bert_student = False
+    copies_layers = False
     family = "bilstm"
 
     def is_baseline(self) -> bool:

@@ -84,6 +84,21 @@ class DualTrain(Method):
     def vocabulary_key(self) -> dict[str, Any]:
         return {"wordpiece_vocab_size": self.params.vocab_size}
 
+    def problems(self, where, spec, experiment):
+        """Its one projection maps teacher embeddings into the student's embedding space and teacher hidden states
+        into its hidden space, so the two must be one width: no factorised embeddings, from the entry or from the
+        general distillation it starts from."""
+        shape = spec.student
+        source = shape.general_source
+        embedding_size = shape.embedding_size
+        if source is not None and any(entry.name == source for entry in experiment.general):
+            embedding_size = embedding_size or experiment.general_entry(source).student.embedding_size
+        if embedding_size is not None:
+            return [f"{where}: dualtrain shares one projection between the embeddings and the hidden states, so its "
+                    f"student's embeddings must be as wide as its hidden states; a student with embedding_size "
+                    f"{embedding_size} cannot take it"]
+        return []
+
     def check_teacher(self, shape: StudentShape, teacher_config: PretrainedConfig) -> None:
         if self.params.vocab_size >= teacher_config.vocab_size:
             raise ValueError(f"params.vocab_size: {self.params.vocab_size} is not smaller than the teacher's "

@@ -45,6 +45,7 @@ class FastBert(Method):
     name = "fastbert"
     Params = FastBertParams
     bert_student = False  # branches on branches would mean nothing
+    copies_layers = False
     classification_only = True  # a sample exits by the entropy of its class probabilities, which one score lacks
     exits_early = True
 

@@ -90,6 +90,7 @@ class MobileBert(Method):
     student_outputs = frozenset({"hidden_states", "attentions"})
     default_init = "random"
     bert_student = False
+    copies_layers = False
 
     def ensemble_temperature(self) -> float:
         return self.params.temperature
