@@ -125,12 +125,14 @@ def promote(name: str = typer.Argument(..., help="Registered model name."),
 
 @app.command()
 def register(workdir: Path = typer.Argument(..., help="A finished run's workdir (holds summary.json)."),
-             student: str = typer.Argument(..., help="Student to register, or 'best': the best on the dev metric."),
+             student: str = typer.Argument(..., help="Student to register, or 'best': the best on the dev metric; "
+                                           "or 'general:NAME': a general distillation's encoder, as a base model."),
              max_latency_ms: Optional[float] = typer.Option(
                  None, "--max-latency-ms", help="Only a student this fast (summary.json's latency_ms) qualifies."),
              name: Optional[str] = typer.Option(
                  None, "--name", help="Registered model name (default: tune.registry_name or <experiment>-<method>).")) -> None:
-    """Register a student of a finished run in the run's MLflow model registry as 'candidate'."""
+    """Register a student (or a general distillation's encoder) of a finished run in the run's MLflow model
+    registry as 'candidate'."""
     from mlflow.exceptions import MlflowException
 
     from kd.errors import StageError

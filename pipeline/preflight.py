@@ -72,7 +72,8 @@ def check_students_fit_teacher(exp: Experiment) -> None:
                 problems.append(f"{where}.student.layers: {layers} is deeper than {owner} {source_depth} layers")
                 continue
             copied_layers(method.resolve_shape(spec.student), source_depth)
-            student_config(source, spec.student)
+            if method.copies_layers:  # the others build a student of their own kind from the shape
+                student_config(source, spec.student)
             method.check_teacher(spec.student, config)
             validate_matches(method.layer_matches(depth, layers), depth, layers)
         except ValueError as error:

@@ -1,5 +1,6 @@
 """``python -m pipeline register WORKDIR STUDENT``: a student of a finished pipeline run into the MLflow model
-registry, as a search registers its best trial (``stages.register`` logs and registers; this finds what to)."""
+registry, as a search registers its best trial (``stages.register`` logs and registers; this finds what to); with
+``general:NAME``, the encoder of a general distillation, as a base model."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from pipeline.summary import load_summaries
 from pipeline.summary_schema import Summary
 from pipeline.tracking import RUN_FILE, recorded_run
 from kd.errors import StageError
-from kd.layout import STUDENT_DIR
+from kd.layout import ENCODER_DIR, STUDENT_DIR
+from kd.students import GENERAL_PREFIX
 from stages.register import BEST, ServedTask, log_served, register
 
 
@@ -45,10 +47,8 @@ def distill_run(client: MlflowClient, run, student: str):
     return min(runs, key=lambda distill: int(distill.data.params["train.seed"]))
 
 
-def register_run_student(workdir: Path, student: str, max_latency_ms: float | None = None,
-                         name: str | None = None) -> tuple[str, int, str]:
-    """Register ``student`` (or the ``best``) of the finished pipeline run in ``workdir``: its distilled model, with
-    the tags a search gives its best trial, as ``candidate``. Returns the registered name, version and student."""
+def finished_run(workdir: Path):
+    """The MLflow client and run of the last pipeline run in ``workdir``, which must have finished."""
     record = recorded_run(workdir)
     if record is None:
         raise StageError(f"{workdir} records no pipeline run ({RUN_FILE}); run `python -m pipeline run` first")
@@ -58,6 +58,48 @@ def register_run_student(workdir: Path, student: str, max_latency_ms: float | No
     if run.info.status != "FINISHED":
         raise StageError(f"the last pipeline run in {workdir} (MLflow run {run.info.run_id}) is "
                          f"{run.info.status.lower()}, not finished")
+    return client, run
+
+
+def register_run_general(workdir: Path, entry: str, name: str | None = None) -> tuple[str, int, str]:
+    """Register the encoder of general distillation ``entry`` of the finished run in ``workdir`` as a base model
+    (text in, sentence embedding out), as ``candidate``; students start from such a checkpoint with
+    ``student.init_from``. Returns the registered name, version and what was registered."""
+    client, run = finished_run(workdir)
+    stages = client.search_runs([run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{run.info.run_id}' and "
+                                                          f"tags.stage = 'general' and params.name = '{entry}'")
+    if not stages:
+        raise StageError(f"MLflow run {run.info.run_id} records no general distillation {entry!r}")
+    stage = stages[0]
+    artifact = ArtifactStore(workdir / "artifacts").lookup("general", stage.data.tags["key"])
+    if artifact is None:
+        raise StageError(f"general distillation {entry!r} (general/{stage.data.tags['key']}) is no longer in "
+                         f"{workdir / 'artifacts'}; run the pipeline again to rebuild it")
+    params = stage.data.params
+    mlflow.start_run(run_id=run.info.run_id)
+    try:
+        info = log_served(artifact.path / ENCODER_DIR, ServedTask.encoder(int(params["train.max_length"])),
+                          f"general-{entry}")
+    finally:
+        mlflow.end_run()
+    result = artifact.result()
+    registered_name = name or f"{run.data.params.get('name', 'experiment')}-general-{entry}"
+    version = register(info.model_uri, registered_name, {
+        "kind": "encoder", "teacher": params.get("teacher"), "corpus": params.get("corpus.source"),
+        "steps": result["steps"], "run_id": run.info.run_id, "config": json.dumps(dict(sorted(params.items()))),
+        **{name.replace("/", "_"): round(value, 4) for name, value in result["final"].items()},
+    })
+    return registered_name, version, f"{GENERAL_PREFIX}{entry}"
+
+
+def register_run_student(workdir: Path, student: str, max_latency_ms: float | None = None,
+                         name: str | None = None) -> tuple[str, int, str]:
+    """Register ``student`` (or the ``best``) of the finished pipeline run in ``workdir``: its distilled model, with
+    the tags a search gives its best trial, as ``candidate``. Returns the registered name, version and student.
+    ``general:NAME`` registers that general distillation's encoder instead (``register_run_general``)."""
+    if student.startswith(GENERAL_PREFIX):
+        return register_run_general(workdir, student[len(GENERAL_PREFIX):], name)
+    client, run = finished_run(workdir)
     try:
         summary = load_summaries(workdir)[0]
     except FileNotFoundError as error:

@@ -29,6 +29,7 @@ from pipeline.artifacts import Artifact, ArtifactStore, content_key, write_resul
 from pipeline.code_keys import code_digests
 from pipeline.config import ConfigError, Experiment
 from pipeline.ray_session import check_ray, ensure_ray, link_worker_logs
+from pipeline.schedule import START, Scheduler, stage_capacity
 from pipeline.summary import build_summary, summary_table, write_summaries, write_workdir_report
 from pipeline.summary_schema import Summary
 from pipeline.tracking import Tracker, log_report, remember_run
@@ -478,49 +479,37 @@ class PipelineRunner:
         """How many stages may run at once: ``ray.max_concurrent_stages``, else as many training stages as the
         cluster's CPUs (and GPUs) hold, one CPU left for the Ray Data reads that feed them. Before Ray is up only
         the data stage can run, so one."""
-        settings = self.exp.ray
-        if settings.max_concurrent_stages is not None:
-            return settings.max_concurrent_stages
-        if not ray.is_initialized():
-            return 1
-        resources = ray.cluster_resources()
-        limit = int((resources.get("CPU", 1) - 1) // (settings.num_workers * settings.cpus_per_worker))
-        if settings.use_gpu:
-            limit = min(limit, int(resources.get("GPU", 0) // settings.num_workers))
-        return max(1, limit)
+        return stage_capacity(self.exp.ray, lambda: ray.cluster_resources() if ray.is_initialized() else None)
 
     def execute_all(self) -> None:
         """Run every planned node as soon as its inputs are done, up to ``concurrency()`` at once. A failed node
         fails the nodes that read it and no others; once nothing more can run, every failure is raised together."""
-        pending = [name for name in self.nodes if name not in self.done]
-        failed: dict[str, str] = {}
-        skipped: set[str] = set()
+        # The policy; benchmarks/bench_schedule.py simulates it. Nodes of one key never compute it side by side.
+        keys = {name: (node.stage, self.planned(name).key) for name, node in self.nodes.items()}
+        scheduler = Scheduler(self.nodes, done=self.done, keys=keys)
         running: dict[Future, str] = {}
         with ThreadPoolExecutor(thread_name_prefix="stage") as pool, self.board.live():
-            while pending or running:
-                for name in list(pending):
-                    inputs = self.nodes[name].inputs.values()
-                    broken = [ref for ref in inputs if ref in failed]
-                    if broken:
-                        pending.remove(name)
-                        failed[name] = f"not run: its input {broken[0]!r} failed"
-                        skipped.add(name)
-                        self.board.finish(name, "skipped")
-                    elif len(running) < self.concurrency() and all(ref in self.done for ref in inputs):
-                        pending.remove(name)
+            while True:
+                for action, name in scheduler.sweep(self.concurrency):
+                    if action == START:
                         running[pool.submit(self.execute, name)] = name
+                    else:
+                        self.board.finish(name, "skipped")
                 if not running:
                     break
                 finished, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in finished:
                     name = running.pop(future)
-                    if future.exception() is not None:
-                        error = future.exception()
-                        failed[name] = str(error) if isinstance(error, StageError) else f"{type(error).__name__}: {error}"
+                    error = future.exception()
+                    if error is None:
+                        scheduler.finish(name)
+                    else:
+                        scheduler.fail(name, str(error) if isinstance(error, StageError)
+                                       else f"{type(error).__name__}: {error}")
                         self.board.finish(name, "failed")
                         log.debug("stage %s failed", name, exc_info=error)
-        if failed:
-            raise StageFailures(failed, skipped)
+        if scheduler.failed:
+            raise StageFailures(scheduler.failed, scheduler.skipped)
 
     def start_ray(self) -> None:
         with self._lock:

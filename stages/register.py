@@ -35,6 +35,12 @@ class ServedTask:
     max_length: int
     regression: bool
     num_labels: int
+    kind: str = "classifier"  # or serving_model.ENCODER: a base encoder, text in and its embedding out
+
+    @classmethod
+    def encoder(cls, max_length: int) -> ServedTask:
+        return cls(labels=None, pair=False, max_length=max_length, regression=False, num_labels=0,
+                   kind=serving_model.ENCODER)
 
     @classmethod
     def of(cls, exp) -> ServedTask:

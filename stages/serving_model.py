@@ -1,5 +1,6 @@
 """A registered student as MLflow loads and serves it: raw text in, a label and the class probabilities out (a
-score for regression).
+score for regression); or a registered encoder (a general distillation's, task.json ``kind: encoder``): raw text in,
+its sentence embedding out (the last hidden states, mean-pooled over the real tokens).
 
 MLflow logs this file with the model ("models from code") and runs it wherever the model is loaded, so it imports
 only what the model's requirements list (torch, transformers, pandas, numpy, mlflow), never this repository. A
@@ -19,13 +20,14 @@ import pandas as pd
 import torch
 from mlflow.models.signature import ModelSignature
 from mlflow.types.schema import Array, ColSpec, Schema
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 STUDENT_ARTIFACT = "student"
 TASK_FILE = "task.json"
 TEXT, TEXT_PAIR = "text", "text_pair"
-LABEL, PROBABILITIES, SCORE = "label", "probabilities", "score"
+LABEL, PROBABILITIES, SCORE, EMBEDDING = "label", "probabilities", "score", "embedding"
+ENCODER = "encoder"  # task.json's kind of a base encoder; a classifier's is "classifier"
 # The inputs the pipeline's training and evaluation feed every student (kd.methods.base.MODEL_INPUTS).
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 BATCH_SIZE = 64
@@ -34,7 +36,9 @@ BATCH_SIZE = 64
 def signature(task: dict) -> ModelSignature:
     """``text`` (and ``text_pair`` for a pair task) in; ``label`` and ``probabilities``, or ``score``, out."""
     inputs = [ColSpec("string", TEXT)] + ([ColSpec("string", TEXT_PAIR)] if task["pair"] else [])
-    if task["regression"]:
+    if task.get("kind") == ENCODER:
+        outputs = [ColSpec(Array("double"), EMBEDDING)]
+    elif task["regression"]:
         outputs = [ColSpec("double", SCORE)]
     else:
         label_type = "string" if any(isinstance(label, str) for label in task["labels"]) else "long"
@@ -49,7 +53,7 @@ def input_example(task: dict) -> pd.DataFrame:
     return pd.DataFrame(example)
 
 
-class StudentClassifier(mlflow.pyfunc.PythonModel):
+class ServedModel(mlflow.pyfunc.PythonModel):
     """The tokenizer and the declared label set travel inside the model, in the student artifact."""
 
     def load_context(self, context) -> None:
@@ -59,8 +63,20 @@ class StudentClassifier(mlflow.pyfunc.PythonModel):
         if model_type not in CONFIG_MAPPING:  # already there when the pipeline's own kd package is loaded
             importlib.import_module(self.task["architecture_module"])
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            folder, num_labels=self.task["num_labels"]).eval()
+        if self.task.get("kind") == ENCODER:
+            self.model = AutoModel.from_pretrained(folder).eval()
+        else:
+            self.model = AutoModelForSequenceClassification.from_pretrained(
+                folder, num_labels=self.task["num_labels"]).eval()
+
+    def outputs(self, encoded) -> torch.Tensor:
+        """A batch's logits, or an encoder's mean-pooled last hidden states."""
+        inputs = {k: encoded[k] for k in MODEL_INPUTS if k in encoded}
+        if self.task.get("kind") != ENCODER:
+            return self.model(**inputs).logits.float()
+        hidden = self.model(**inputs).last_hidden_state.float()
+        mask = inputs["attention_mask"].unsqueeze(-1).float()
+        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)
 
     def logits(self, texts: list[str], pairs: list[str] | None) -> np.ndarray:
         """Batches cut in order of text length, as the pipeline's evaluation cuts them: less padding, and the same
@@ -76,8 +92,9 @@ class StudentClassifier(mlflow.pyfunc.PythonModel):
                 second = [pairs[i] for i in rows] if pairs is not None else None
                 encoded = self.tokenizer([texts[i] for i in rows], second, truncation=True,
                                          max_length=self.task["max_length"], padding=True, return_tensors="pt")
-                outputs.append(self.model(**{k: encoded[k] for k in MODEL_INPUTS if k in encoded}).logits.float())
-        logits = torch.cat(outputs).numpy() if outputs else np.zeros((0, self.task["num_labels"]), np.float32)
+                outputs.append(self.outputs(encoded))
+        width = self.model.config.hidden_size if self.task.get("kind") == ENCODER else self.task["num_labels"]
+        logits = torch.cat(outputs).numpy() if outputs else np.zeros((0, width), np.float32)
         restored = np.empty_like(logits)
         restored[order] = logits
         return restored
@@ -86,6 +103,8 @@ class StudentClassifier(mlflow.pyfunc.PythonModel):
         texts = model_input[TEXT].astype(str).tolist()
         pairs = model_input[TEXT_PAIR].astype(str).tolist() if self.task["pair"] else None
         logits = self.logits(texts, pairs)
+        if self.task.get("kind") == ENCODER:
+            return pd.DataFrame({EMBEDDING: list(logits.astype(np.float64))})
         if self.task["regression"]:
             return pd.DataFrame({SCORE: logits.reshape(-1).astype(np.float64)})
         probabilities = torch.from_numpy(logits).softmax(-1).double().numpy()
@@ -93,4 +112,4 @@ class StudentClassifier(mlflow.pyfunc.PythonModel):
                              PROBABILITIES: list(probabilities)})
 
 
-mlflow.models.set_model(StudentClassifier())
+mlflow.models.set_model(ServedModel())

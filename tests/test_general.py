@@ -8,6 +8,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from pydantic import ValidationError
@@ -213,6 +214,19 @@ def test_two_workers_distil_an_encoder_that_a_student_starts_from(smoke_pipeline
     assert students["kd_small"]["parameters"]["embedding_size"] == 64
     assert students["kd_small"]["init"]["from"] == "general:small"
     assert encoder.config.hidden_size == 128
+
+    # The encoder registers as a base model: text in, its 128-wide sentence embedding out.
+    import mlflow
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from stages.serving_model import EMBEDDING, TEXT
+
+    result = CliRunner().invoke(app, ["register", str(exp.workdir), "general:small"])
+    assert result.exit_code == 0 and "general:small → registered smoke-general-small" in result.output, result.output
+    model = mlflow.pyfunc.load_model("models:/smoke-general-small@candidate")
+    embeddings = model.predict(pd.DataFrame({TEXT: sentences(3)}))[EMBEDDING]
+    assert len(embeddings) == 3 and all(len(vector) == 128 for vector in embeddings)
 
 
 # --- validation before any Ray work -------------------------------------------------------------------------
