@@ -111,6 +111,10 @@ class Experiment(Strict):
                 problems.append(f"{where}: data: augmented needs a classification task (augmented rows are marked "
                                 "by the label -1)")
         problems += self._seed_method_problems() + self._general_problems()
+        if self.task.task_type == "seq2seq":
+            # Its data stage and the C-MLM teacher's stages exist; its students do not, so a run would fail late.
+            problems.append("task.task_type: seq2seq has no students yet (the methods cmlm and nll are in progress; "
+                            "see docs/generation.md): a run cannot train one")
         if self.augment.rule == "tinybert" and self.teacher.mlm is None and any(
                 spec.data == "augmented" for spec in self.students):
             problems.append("augment.rule: tinybert draws replacements from the masked-LM teacher; set teacher.mlm")

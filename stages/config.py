@@ -65,12 +65,17 @@ class SplitNames(Strict):
 class TaskConfig(Strict):
     source: str = Field(
         default=RT_SNIPPETS,
-        description="'rt-snippets' (packaged), a Hugging Face dataset 'name' or 'name/config' (e.g. glue/sst2), "
-        "or a local .csv/.tsv/.jsonl/.parquet file or a folder of split files.",
+        description="'rt-snippets' (packaged), 'wordnet-definitions' (packaged, seq2seq), a Hugging Face dataset "
+        "'name' or 'name/config' (e.g. glue/sst2), or a local .csv/.tsv/.jsonl/.parquet file or a folder of split "
+        "files.",
     )
     text_columns: list[str] = Field(default_factory=lambda: ["sentence"], min_length=1, max_length=2)
     label_column: str = "label"
-    task_type: Literal["classification", "regression"] = "classification"
+    task_type: Literal["classification", "regression", "seq2seq"] = Field(
+        default="classification", description="seq2seq: text-to-text pairs read from source_column and "
+        "target_column, without labels.")
+    source_column: str = Field(default="source", description="seq2seq: the column of the input text.")
+    target_column: str = Field(default="target", description="seq2seq: the column of the text to generate.")
     labels: list[Union[int, str]] | None = Field(
         default=None, description="The declared label set, in class-index order (classification)."
     )
@@ -79,11 +84,22 @@ class TaskConfig(Strict):
     split_seed: int = 0
     max_rows: int | None = Field(default=None, ge=10, description="Cap every split (smoke runs).")
     bad_rows: Literal["error", "skip"] = Field(
-        default="error", description="Rows with an empty text or an undeclared label: refuse the data, or skip and log."
+        default="error", description="Rows with an empty text or an undeclared label (seq2seq: an empty source or "
+        "target): refuse the data, or skip and log."
     )
 
     @model_validator(mode="after")
     def _labels_for_classification(self) -> "TaskConfig":
+        seq2seq = self.task_type == "seq2seq"
+        # The packaged sources each have one kind; the other kinds would only fail later, and less clearly.
+        if self.source == "wordnet-definitions" and not seq2seq:
+            raise ValueError("source wordnet-definitions is a text-to-text task: set task_type: seq2seq")
+        if seq2seq and self.source == RT_SNIPPETS:
+            raise ValueError("a seq2seq task needs a source of text pairs (wordnet-definitions, a hub dataset or a "
+                             "local file with source_column and target_column); rt-snippets is a classification task")
+        if seq2seq and self.labels is not None:
+            raise ValueError("a seq2seq task has no labels: remove labels (its rows are source_column → "
+                             "target_column)")
         if self.labels is None and self.source == RT_SNIPPETS:
             self.labels = [0, 1]
         if self.task_type == "classification" and not self.labels:
@@ -96,6 +112,9 @@ class TaskConfig(Strict):
 
     @property
     def num_labels(self) -> int:
+        """Classes of a classification task, 1 for regression; 0 for seq2seq, which has no classifier head."""
+        if self.task_type == "seq2seq":
+            return 0
         return 1 if self.task_type == "regression" else len(self.labels or [])
 
     @property

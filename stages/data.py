@@ -1,5 +1,6 @@
 """Task data: the packaged rt-snippets corpus, Hugging Face hub datasets, or local files, normalised to
-Parquet splits with columns text_a, [text_b,] label (a class index, or a float for regression)."""
+Parquet splits with columns text_a, [text_b,] label (a class index, or a float for regression); for a seq2seq task
+(the packaged WordNet definitions, or pairs from the hub or local files) with columns source and target."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import hashlib
 import io
 import logging
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -35,6 +37,12 @@ VADER_SDIST = "vaderSentiment==3.3.2"
 VADER_SHA256 = "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9"
 VADER_INNER_ARCHIVE = "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz"
 RT_SNIPPETS_MEMBER = "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
+# The packaged seq2seq task: WordNet 3.0's usage examples, each with its word, to the synset's definition.
+WORDNET_DEFINITIONS = "wordnet-definitions"
+# A seq2seq task's columns, in its source files by default and always in the Parquet splits written here.
+SOURCE, TARGET = "source", "target"
+# The adjective position markers WordNet appends to a lemma in data.adj: (a), (p), (ip).
+ADJECTIVE_MARKER = re.compile(r"\([a-z]+\)$")
 # A refusal lists this many problems, each with this many rows, so a wrong label column stays one readable line.
 SHOWN_PROBLEMS = 5
 SHOWN_ROWS = 5
@@ -86,6 +94,78 @@ def load_rt_snippets() -> pd.DataFrame:
     log.info("rt-snippets: %d sentences, %d with rating 0 dropped", len(frame), neutral)
     frame = frame[frame.rating != 0]
     return pd.DataFrame({"sentence": frame.sentence, "label": (frame.rating > 0).astype(int)}).reset_index(drop=True)
+
+
+# --- WordNet definitions ------------------------------------------------------------------------------------
+
+
+def synset_lemmas(head: str) -> list[str]:
+    """The words of a synset line's head (``offset lex_filenum ss_type w_cnt word lex_id ...``, w_cnt in hex),
+    underscores as spaces and adjective markers dropped: ``a_cappella`` → ``a cappella``, ``galore(ip)`` →
+    ``galore``."""
+    fields = head.split()
+    count = int(fields[3], 16)
+    return [ADJECTIVE_MARKER.sub("", word).replace("_", " ") for word in fields[4:4 + 2 * count:2]]
+
+
+def mentions(lemma: str, example: str) -> bool:
+    """Whether ``example`` has ``lemma`` as a whole word or phrase, in any case (``brush`` is in "a Brush with
+    danger" but not in "brushes" or "toothbrush")."""
+    if lemma.lower() not in example.lower():  # most lemmas are not there: skip the regular expression
+        return False
+    return re.search(rf"(?<!\w){re.escape(lemma)}(?!\w)", example, re.IGNORECASE) is not None
+
+
+def definition_pairs(files) -> pd.DataFrame:
+    """Definition modelling pairs from WordNet ``data.*`` files, in file order: for each usage example that has
+    one of its synset's lemmas (the first of them that it has), ``source`` = ``"<lemma> : <example>"`` and
+    ``target`` = the synset's definition; ``synset`` is ``<ss_type>.<offset>``. Exact duplicate pairs are kept
+    once. The gloss is split as the general-distillation corpus splits it (``stages.corpus.gloss_sentences``)."""
+    from stages.corpus import gloss_sentences, synset_lines  # here: stages.corpus imports this module
+
+    rows = []
+    for head, gloss in synset_lines(files):
+        definition, *examples = gloss_sentences(gloss)
+        if not definition:
+            continue
+        lemmas = synset_lemmas(head)
+        offset, _, kind = head.split()[:3]
+        for example in examples:
+            lemma = next((lemma for lemma in lemmas if mentions(lemma, example)), None)
+            if lemma is not None:
+                rows.append((f"{lemma} : {example}", definition, f"{kind}.{offset}"))
+    pairs = pd.DataFrame(rows, columns=[SOURCE, TARGET, "synset"], dtype="string")
+    return pairs.drop_duplicates([SOURCE, TARGET]).reset_index(drop=True)
+
+
+def definitions_target() -> Path:
+    return cache_dir() / "wordnet" / "definitions.parquet"
+
+
+def fetch_wordnet_definitions() -> Path:
+    """The WordNet definition pairs, built once from the same pinned, hash-checked wordnet-base .deb as the
+    general-distillation corpus (``stages.corpus.unpacked_wordnet``) and cached at
+    ``cache_dir()/wordnet/definitions.parquet``; later calls return that path at once."""
+    from stages.corpus import WORDNET_PACKAGE, WORDNET_VERSION, unpacked_wordnet
+
+    target = definitions_target()
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    instead = "set task.source to a local file of pairs with source_column and target_column"
+    with unpacked_wordnet(instead) as files:
+        pairs = definition_pairs(files)
+    # Written aside and renamed, so a crash never leaves a half file that the next call would take as done.
+    partial = target.with_suffix(".partial")
+    pairs.to_parquet(partial, index=False)
+    os.replace(partial, target)
+    log.info("WordNet definitions: %d pairs from %s %s, cached at %s", len(pairs), WORDNET_PACKAGE, WORDNET_VERSION,
+             target)
+    return target
+
+
+def load_wordnet_definitions() -> pd.DataFrame:
+    return pd.read_parquet(fetch_wordnet_definitions())
 
 
 # --- local files and the hub ---------------------------------------------------------------------------------
@@ -142,6 +222,8 @@ def load_hub(name: str) -> dict[str, pd.DataFrame]:
 def load_source(task: TaskConfig) -> dict[str, pd.DataFrame]:
     if task.source == RT_SNIPPETS:
         return {"all": load_rt_snippets()}
+    if task.source == WORDNET_DEFINITIONS:
+        return {"all": load_wordnet_definitions()}
     path = Path(task.source).expanduser()
     if path.exists() or path.suffix.lower() in READERS:
         return load_local(path, task)
@@ -183,9 +265,47 @@ def origin(task: TaskConfig, split: str) -> str:
     return task.source if split == "all" else f"split {split!r} of {task.source}"
 
 
+def refuse_or_skip(task: TaskConfig, where: str, count: int, problems: dict[str, list]) -> None:
+    """``count`` bad rows, their reasons and row numbers in ``problems``: one StageError (``bad_rows: error``), or
+    a log line saying they are skipped."""
+    detail = describe_rows(problems)
+    if task.bad_rows == "error":
+        raise StageError(f"{where}: {count} row(s) cannot be used (rows numbered from 0, the header not counted): "
+                         f"{detail}. Fix the data, or set task.bad_rows: skip to drop such rows.")
+    log.warning("%s: skipped %d row(s) that cannot be used: %s", where, count, detail)
+
+
+def normalise_pairs(frame: pd.DataFrame, task: TaskConfig, split: str) -> tuple[pd.DataFrame, int]:
+    """A seq2seq task's rows as ``source`` and ``target`` strings, stripped; rows with an empty source or target
+    are refused, or skipped and counted."""
+    where = origin(task, split)
+    missing = [c for c in (task.source_column, task.target_column) if c not in frame.columns]
+    if missing:
+        raise StageError(f"{where} has no column(s) {missing}; it has {list(frame.columns)}")
+    out = pd.DataFrame(index=frame.index)
+    for column, name in ((task.source_column, SOURCE), (task.target_column, TARGET)):
+        out[name] = frame[column].astype("string").str.strip()
+    empty = {name: (out[name].isna() | (out[name] == "")).to_numpy() for name in (SOURCE, TARGET)}
+    bad = empty[SOURCE] | empty[TARGET]
+    count = int(bad.sum())
+    if count:
+        problems: dict[str, list] = {}
+        for row, no_source, no_target in zip(frame.index[bad], empty[SOURCE][bad], empty[TARGET][bad]):
+            reasons = [reason for flag, reason in ((no_source, "empty source"), (no_target, "empty target")) if flag]
+            problems.setdefault(" and ".join(reasons), []).append(row)
+        refuse_or_skip(task, where, count, problems)
+    out = out[~bad]
+    if out.empty:
+        left = f" left after skipping {count} bad row(s)" if count else ""
+        raise StageError(f"{where} has no rows{left}")
+    return out.reset_index(drop=True), count
+
+
 def normalise(frame: pd.DataFrame, task: TaskConfig, split: str) -> tuple[pd.DataFrame, int]:
     """Canonical columns; rows with an empty text or label, or an undeclared label, are refused, or skipped and
     counted."""
+    if task.task_type == "seq2seq":
+        return normalise_pairs(frame, task, split)
     where = origin(task, split)
     missing = [c for c in [*task.text_columns, task.label_column] if c not in frame.columns]
     if missing:
@@ -216,11 +336,7 @@ def normalise(frame: pd.DataFrame, task: TaskConfig, split: str) -> tuple[pd.Dat
             reasons = [reason for flag, reason in ((no_text, "empty text"), (no_label, "empty label"),
                                                    (wrong_label, f"label {plain(label)!r} {expected}")) if flag]
             problems.setdefault(" and ".join(reasons), []).append(row)
-        detail = describe_rows(problems)
-        if task.bad_rows == "error":
-            raise StageError(f"{where}: {count} row(s) cannot be used (rows numbered from 0, the header not counted): "
-                             f"{detail}. Fix the data, or set task.bad_rows: skip to drop such rows.")
-        log.warning("%s: skipped %d row(s) that cannot be used: %s", where, count, detail)
+        refuse_or_skip(task, where, count, problems)
     out = out[~bad]
     if out.empty:
         left = f" left after skipping {count} bad row(s)" if count else ""
@@ -241,11 +357,33 @@ def _carve(frame: pd.DataFrame, role: str, fraction: float, seed: int, stratify:
     return rest.reset_index(drop=True), carved.reset_index(drop=True)
 
 
+def _carve_groups(frame: pd.DataFrame, role: str, fraction: float, seed: int, column: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Like ``_carve``, but rows with the same ``column`` value stay together: whole groups, drawn in a seeded
+    order, go to the carved split until it has ``fraction`` of the rows (a little more, as groups are whole).
+    Both parts keep the frame's row order."""
+    codes, groups = pd.factorize(frame[column])
+    sizes = np.bincount(codes, minlength=len(groups))
+    order = np.random.default_rng(seed).permutation(len(groups))
+    wanted = round(fraction * len(frame))
+    taken = int(np.searchsorted(np.cumsum(sizes[order]), wanted)) + 1
+    if wanted < 1 or taken >= len(groups):
+        raise StageError(f"cannot carve the {role} split ({fraction:.0%}, whole groups of equal {column}) from "
+                         f"{len(frame)} row(s) in {len(groups)} group(s). Give the task more rows, or a {role} split "
+                         "of its own.")
+    carved = np.isin(codes, order[:taken])
+    return frame[~carved].reset_index(drop=True), frame[carved].reset_index(drop=True)
+
+
 def assign_roles(frames: dict[str, pd.DataFrame], task: TaskConfig) -> dict[str, pd.DataFrame]:
     """Map source splits to train/dev/test; what is missing is carved from train with a fixed seed,
-    stratified by label (80/10/10 for a single-file corpus)."""
+    stratified by label (80/10/10 for a single-file corpus). WordNet definitions are carved by definition, so
+    that no definition is in two splits."""
     stratify = task.task_type == "classification"
     train_fraction, dev_fraction, test_fraction = task.split_fractions
+    if "all" in frames and task.task_type == "seq2seq" and task.source == WORDNET_DEFINITIONS:
+        rest, test = _carve_groups(frames["all"], "test", test_fraction, task.split_seed, TARGET)
+        train, dev = _carve_groups(rest, "dev", dev_fraction / (train_fraction + dev_fraction), task.split_seed, TARGET)
+        return {"train": train, "dev": dev, "test": test}
     if "all" in frames:
         rest, test = _carve(frames["all"], "test", test_fraction, task.split_seed, stratify)
         train, dev = _carve(rest, "dev", dev_fraction / (train_fraction + dev_fraction), task.split_seed, stratify)
