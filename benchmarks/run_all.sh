@@ -12,4 +12,5 @@ python=${PYTHON:-.venv/bin/python}
 "$python" benchmarks/bench_label.py "$@"
 "$python" benchmarks/bench_augment.py "$@"
 "$python" benchmarks/bench_label_scale.py "$@"
+"$python" benchmarks/bench_general.py "$@"
 "$python" benchmarks/bench_methods.py "$@"

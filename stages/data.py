@@ -294,11 +294,17 @@ def normalise_pairs(frame: pd.DataFrame, task: TaskConfig, split: str) -> tuple[
             reasons = [reason for flag, reason in ((no_source, "empty source"), (no_target, "empty target")) if flag]
             problems.setdefault(" and ".join(reasons), []).append(row)
         refuse_or_skip(task, where, count, problems)
+    out = kept_rows(out, bad, count, where)
+    return out.reset_index(drop=True), count
+
+
+def kept_rows(out: pd.DataFrame, bad, count: int, where: str) -> pd.DataFrame:
+    """The rows that are not ``bad``; none left is an error, whether the file was empty or every row was bad."""
     out = out[~bad]
     if out.empty:
         left = f" left after skipping {count} bad row(s)" if count else ""
         raise StageError(f"{where} has no rows{left}")
-    return out.reset_index(drop=True), count
+    return out
 
 
 def normalise(frame: pd.DataFrame, task: TaskConfig, split: str) -> tuple[pd.DataFrame, int]:
@@ -337,10 +343,7 @@ def normalise(frame: pd.DataFrame, task: TaskConfig, split: str) -> tuple[pd.Dat
                                                    (wrong_label, f"label {plain(label)!r} {expected}")) if flag]
             problems.setdefault(" and ".join(reasons), []).append(row)
         refuse_or_skip(task, where, count, problems)
-    out = out[~bad]
-    if out.empty:
-        left = f" left after skipping {count} bad row(s)" if count else ""
-        raise StageError(f"{where} has no rows{left}")
+    out = kept_rows(out, bad, count, where)
     if task.task_type == "classification":
         out[LABEL] = out[LABEL].astype("int64")
     return out.reset_index(drop=True), count

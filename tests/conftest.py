@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -12,6 +13,9 @@ from transformers import BertConfig, BertForSequenceClassification, BertTokenize
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+# WordNet comes from Debian's wordnet-base, which a machine without apt-get cannot download.
+needs_apt = pytest.mark.skipif(shutil.which("apt-get") is None, reason="needs apt-get to download wordnet-base")
 
 WORDS = "the a movie film good bad great awful plot actor is was not very fun dull".split()
 

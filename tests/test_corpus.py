@@ -1,12 +1,12 @@
 """The general-distillation corpus: WordNet parsing and fetching, the corpus config, and the Ray Data reader over
 every kind of source."""
 
-import shutil
 
 import pandas as pd
 import pytest
 from pydantic import ValidationError
 
+from conftest import needs_apt
 from kd.errors import StageError
 from stages import corpus
 from stages.corpus import (
@@ -70,9 +70,6 @@ def test_without_apt_get_the_error_says_how_to_get_the_file_by_hand(tmp_path, mo
     assert corpus.WORDNET_URL in str(refused.value)
     assert str(tmp_path / "wordnet" / corpus.WORDNET_DEB) in str(refused.value)
     assert "corpus.source to a local text file" in str(refused.value)
-
-
-needs_apt = pytest.mark.skipif(shutil.which("apt-get") is None, reason="needs apt-get to download wordnet-base")
 
 
 @pytest.mark.slow

@@ -2,12 +2,12 @@
 packaged WordNet definitions (pair extraction on a fake data.noun, the split by definition, the real fetch)."""
 
 import logging
-import shutil
 
 import pandas as pd
 import pytest
 from pydantic import ValidationError
 
+from conftest import needs_apt
 from kd.errors import StageError
 from pipeline.config import ConfigError, validate
 from stages import corpus
@@ -233,9 +233,6 @@ def test_a_deb_with_another_hash_is_refused_and_nothing_is_cached(tmp_path, monk
                                          r"or set task\.source to a local file of pairs"):
         fetch_wordnet_definitions()
     assert sorted(p.name for p in (tmp_path / "wordnet").iterdir()) == [corpus.WORDNET_DEB]
-
-
-needs_apt = pytest.mark.skipif(shutil.which("apt-get") is None, reason="needs apt-get to download wordnet-base")
 
 
 @pytest.mark.slow
