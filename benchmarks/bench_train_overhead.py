@@ -100,6 +100,9 @@ def timed_loop(log_path: str, make_io: Callable) -> Callable[[dict], object]:
         def device(self):
             return self.io.device()
 
+        def progress(self, line):
+            self.io.progress(line)
+
     def loop(job: dict):
         log("entry")
         return train_student(job, TimedIO(make_io()), verbose=False)

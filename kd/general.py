@@ -363,8 +363,11 @@ def train_general(job: dict[str, Any], io, verbose: bool = True) -> Distiller:
 
     def on_progress(metrics: dict) -> None:
         distiller.progress.history.append(metrics)
-        if rank0 and verbose:
-            print(f"[general] step {metrics['step']}/{settings.steps} loss {metrics['loss/total']:.4f}", flush=True)
+        if rank0:
+            line = f"[general] step {metrics['step']}/{settings.steps} loss {metrics['loss/total']:.4f}"
+            io.progress(line)
+            if verbose:
+                print(line, flush=True)
         fail_if_injected(job, distiller.progress.global_step, io.rank)
 
     while not distiller.finished:

@@ -46,6 +46,7 @@ class TrainIO(Protocol):
     def report(self, metrics: dict, directory: Path | None) -> None: ...
     def wrap(self, module: torch.nn.Module, device: torch.device) -> torch.nn.Module: ...
     def device(self) -> torch.device: ...
+    def progress(self, line: str) -> None: ...
 
 
 def shuffled_chunks(frame: pd.DataFrame, rows_per_chunk: int, seed: int) -> Iterator[Rows]:
@@ -83,6 +84,9 @@ class LocalIO:
 
     def device(self) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def progress(self, line: str) -> None:
+        """Progress lines have no one to go to in this process (``verbose`` prints them)."""
 
 
 @contextmanager
@@ -173,11 +177,11 @@ def build_distiller(job: dict[str, Any], io: TrainIO) -> tuple[Distiller, Collat
     return distiller, collator
 
 
-def _print_progress(distiller: Distiller, metrics: dict) -> None:
+def progress_line(distiller: Distiller, metrics: dict) -> str:
     phase = distiller.phases[distiller.progress.phase_index]
     within = distiller.progress.global_step - distiller.progress.epoch_start_step
-    print(f"[{phase.name}] epoch {distiller.progress.epoch + 1}/{phase_epochs(phase, distiller.settings)} "
-          f"step {within}/{distiller.steps_per_epoch} loss {metrics.get('loss/total', float('nan')):.4f}", flush=True)
+    return (f"[{phase.name}] epoch {distiller.progress.epoch + 1}/{phase_epochs(phase, distiller.settings)} "
+            f"step {within}/{distiller.steps_per_epoch} loss {metrics.get('loss/total', float('nan')):.4f}")
 
 
 def save_student(distiller: Distiller, collator: Collator, directory: Path) -> None:
@@ -239,8 +243,11 @@ def train_student(job: dict[str, Any], io: TrainIO, verbose: bool = True) -> Dis
 
     def on_progress(metrics: dict) -> None:
         distiller.progress.history.append(metrics)
-        if rank0 and verbose:
-            _print_progress(distiller, metrics)
+        if rank0:
+            line = progress_line(distiller, metrics)
+            io.progress(line)
+            if verbose:
+                print(line, flush=True)
         fail_if_injected(job, distiller.progress.global_step, io.rank)
 
     while not distiller.finished:

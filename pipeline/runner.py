@@ -23,6 +23,7 @@ import ray
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from kd.methods import get_method
 from pipeline.artifacts import Artifact, ArtifactStore, content_key, write_result
@@ -37,6 +38,7 @@ from stages import augment, data, distill, evaluate, general, label, mlm_teacher
 from stages.config import StageConfig
 from kd.errors import StageError
 from stages.label import ensemble_temperature
+from stages.progress import progress_board
 from kd.layout import ENCODER_DIR, STUDENT_DIR
 
 log = logging.getLogger(__name__)
@@ -101,18 +103,37 @@ class StageFailures(StageError):
 
 
 class StageBoard:
-    """The live table of stages running now, with their elapsed time; finished ones are printed above it."""
+    """The live table of stages running now, with their elapsed time and, for training stages, the progress line
+    their worker posts (``stages.progress``); finished ones are printed above it."""
+
+    POLL_SECONDS = 2.0
 
     def __init__(self, console: Console):
         self.console = console
         self.started: dict[str, float] = {}
         self.states: dict[str, str] = {}
+        self.keys: dict[str, str] = {}
+        self.lines: dict[str, str] = {}
+        self.progress = None  # the ProgressBoard actor, once Ray is up
         self._lock = threading.Lock()
 
-    def start(self, name: str) -> None:
+    def start(self, name: str, key: str | None = None) -> None:
         with self._lock:
             self.started[name] = time.perf_counter()
             self.states[name] = "running"
+            if key is not None:
+                self.keys[name] = key
+
+    def poll(self) -> None:
+        """Read the posted progress lines; a slow or missing board leaves the last ones shown."""
+        if self.progress is None or not self.started:
+            return
+        try:
+            lines = ray.get(self.progress.read.remote(), timeout=self.POLL_SECONDS)
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
+            return
+        with self._lock:
+            self.lines = lines
 
     def finish(self, name: str, state: str) -> None:
         with self._lock:
@@ -126,16 +147,30 @@ class StageBoard:
         table = Table(title=", ".join(f"{n} {state}" for state, n in counts.items() if n) or None, box=None)
         table.add_column("running")
         table.add_column("elapsed", justify="right")
+        table.add_column("progress")
         now = time.perf_counter()
         for name, started in running.items():
-            table.add_row(name, f"{now - started:.0f}s")
+            # Text, not markup: a line such as "[train] epoch 1/2" would lose its brackets as a style tag.
+            table.add_row(name, f"{now - started:.0f}s", Text(self.lines.get(self.keys.get(name, ""), "")))
         return table
 
     @contextmanager
     def live(self):
         # One live display for the whole run: rich allows one at a time, and stages now run side by side.
-        with Live(self, console=self.console, refresh_per_second=2, transient=True):
-            yield
+        stop = threading.Event()
+
+        def poll_until_stopped() -> None:
+            while not stop.wait(self.POLL_SECONDS):
+                self.poll()
+
+        poller = threading.Thread(target=poll_until_stopped, name="stage-progress", daemon=True)
+        poller.start()
+        try:
+            with Live(self, console=self.console, refresh_per_second=2, transient=True):
+                yield
+        finally:
+            stop.set()
+            poller.join()
 
 
 @dataclass
@@ -450,7 +485,7 @@ class PipelineRunner:
         else:
             if node.stage != "data":
                 self.start_ray()  # the data is checked before Ray's seconds of start-up are spent
-            self.board.start(name)
+            self.board.start(name, planned.key)
             started, started_at = time.perf_counter(), time.time()
             with self.store.writing(node.stage, planned.key) as scratch:
                 result = node.run(node.config, inputs, StageContext(planned.key, self.console, self.evaluator),
@@ -516,6 +551,7 @@ class PipelineRunner:
             if not self._ray_started:
                 ensure_ray(self.exp.ray, log_to_driver=self.verbose)
                 self._ray_started = True
+                self.board.progress = progress_board()
                 if not self.verbose:
                     logs = link_worker_logs(self.exp.workdir)
                     if logs is not None:

@@ -24,18 +24,22 @@ from stages.config import RunPlace, StudentSpec, TaskConfig, TeacherConfig
 from kd.errors import StageError
 from stages.label import ensemble_temperature
 from stages.models import resolve_model_source
+from stages.progress import ProgressPoster
+
+PROGRESS_KEY = "progress_key"  # in a training job: the stage key its progress lines are posted under
 
 
 class RayTrainIO:
     """Inside a Ray Train worker: dataset shards, ``ray.train.report`` and the run's latest checkpoint."""
 
-    def __init__(self):
+    def __init__(self, progress_key: str | None = None):
         import ray.train
 
         self._train = ray.train
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
         self._dev: dict[int, list[Rows]] = {}
+        self.progress = ProgressPoster(progress_key if self.rank == 0 else None)
 
     def epoch_chunks(self, rows_per_chunk: int, seed: int) -> Iterable[Rows]:
         # The shard streams in file order (ordered_ingest) and is shuffled by the epoch's seed.
@@ -75,7 +79,7 @@ class RayTrainIO:
 
 
 def train_loop_per_worker(job: dict[str, Any]) -> None:
-    train_student(job, RayTrainIO())
+    train_student(job, RayTrainIO(job.get(PROGRESS_KEY)))
 
 
 class Config(RunPlace):
@@ -122,12 +126,15 @@ def trainer(cfg, job: dict[str, Any], train_path: Path, dev_path: Path, run_conf
     )
 
 
-def fit(cfg, job: dict[str, Any], train_path: Path, dev_path: Path, run_name: str, out: Path) -> dict:
+def fit(cfg, job: dict[str, Any], train_path: Path, dev_path: Path, run_name: str, out: Path,
+        progress_key: str | None = None) -> dict:
     """Train on Ray and copy the finished student into ``out/student``; returns the epoch history.
 
     The run name is derived from the stage key, so rerunning after a crash restores the run from its last
-    checkpoint instead of starting over.
+    checkpoint instead of starting over. ``progress_key`` (the stage's key) is where rank 0 posts its progress
+    lines (``stages.progress``).
     """
+    job = {**job, PROGRESS_KEY: progress_key}
     run_config = ray.train.RunConfig(
         name=run_name, storage_path=str(cfg.storage),
         checkpoint_config=CheckpointConfig(num_to_keep=1),
@@ -217,5 +224,6 @@ def run(cfg: Config, inputs, ctx, out: Path) -> dict:
     spec = cfg.student
     method = get_method(spec.method)
     job, train_source = student_job(cfg, spec, inputs)
-    outcome = fit(cfg, job, train_source, inputs["data"].path / "dev.parquet", f"{cfg.name}-{spec.name}-{ctx.key}", out)
+    outcome = fit(cfg, job, train_source, inputs["data"].path / "dev.parquet", f"{cfg.name}-{spec.name}-{ctx.key}", out,
+                  progress_key=ctx.key)
     return {"method": method.name, "teacher_signals": method.teacher_signals(), **outcome}

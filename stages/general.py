@@ -19,7 +19,7 @@ from kd.general import general_job, train_general
 from kd.layout import ENCODER_DIR, HISTORY_FILE, MLM_DIR, STUDENT_DIR
 from stages.config import GeneralEntry, RunPlace, TeacherConfig
 from stages.corpus import corpus_dataset
-from stages.distill import RayTrainIO, ordered_ingest, scaling_config
+from stages.distill import PROGRESS_KEY, RayTrainIO, ordered_ingest, scaling_config
 from stages.models import resolve_model_source
 
 
@@ -29,7 +29,7 @@ class Config(RunPlace):
 
 
 def train_loop_per_worker(job: dict[str, Any]) -> None:
-    train_general(job, RayTrainIO())
+    train_general(job, RayTrainIO(job.get(PROGRESS_KEY)))
 
 
 def teacher_folder(cfg: Config, inputs) -> str:
@@ -51,6 +51,7 @@ def run(cfg: Config, inputs, ctx, out: Path) -> dict:
         mlm_head=str(inputs["mlm_teacher"].path / MLM_DIR) if "mlm_teacher" in inputs else None,
         shape=entry.student.model_dump(), losses=entry.losses.model_dump(), settings=entry.train.model_dump(),
         torch_threads=cfg.ray.threads_per_worker)
+    job[PROGRESS_KEY] = ctx.key
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=job,

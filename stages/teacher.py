@@ -75,5 +75,6 @@ def run(cfg: Config, inputs, ctx, out: Path) -> dict:
         regression=cfg.task.task_type == "regression", train_rows=inputs["data"].result()["rows"]["train"],
         train_path=str(data_dir / "train.parquet"), torch_threads=cfg.ray.threads_per_worker,
     )
-    outcome = fit(cfg, job, data_dir / "train.parquet", data_dir / "dev.parquet", f"{cfg.name}-teacher-{ctx.key}", out)
+    outcome = fit(cfg, job, data_dir / "train.parquet", data_dir / "dev.parquet", f"{cfg.name}-teacher-{ctx.key}", out,
+                  progress_key=ctx.key)
     return {"source": cfg.teacher.source, "fine_tuned": True, "truncated": truncated, **outcome}

@@ -51,6 +51,7 @@ class StreamIO:
         self.texts = np.array(texts)
         self.checkpoints = checkpoints if checkpoints is not None else []
         self.resume = resume
+        self.lines: list[str] = []
 
     def epoch_chunks(self, rows_per_chunk, seed):
         order = np.random.default_rng(seed).permutation(len(self.texts))
@@ -73,6 +74,9 @@ class StreamIO:
 
     def device(self):
         return torch.device("cpu")
+
+    def progress(self, line):
+        self.lines.append(line)
 
 
 def job_for(teacher_dir: Path, **settings) -> dict:
@@ -146,6 +150,7 @@ def test_the_student_learns_the_teacher_and_a_resumed_run_ends_as_an_uninterrupt
     uninterrupted = train_general(job_for(teacher_dir), whole, verbose=False)
     segments = [record for record in uninterrupted.progress.history if "sentences_per_second" in record]
     assert [record["step"] for record in segments] == [4, 8]
+    assert whole.lines[-1].startswith("[general] step 8/8 loss")
     assert segments[-1]["loss/total"] < segments[0]["loss/total"]
 
     # A run that died after its first checkpoint, restarted from it.
