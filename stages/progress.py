@@ -25,8 +25,9 @@ class ProgressBoard:
 
 
 def progress_board():
-    """The run's board, made on first use (a second driver on the same Ray shares it: keys do not collide)."""
-    return ProgressBoard.options(name=BOARD_NAME, get_if_exists=True, lifetime="detached").remote()
+    """The run's board, made on first use. It lives as long as the driver's job (a named actor in the job's
+    namespace), so a cluster keeps no board of a finished run."""
+    return ProgressBoard.options(name=BOARD_NAME, get_if_exists=True).remote()
 
 
 class ProgressPoster:
