@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -244,3 +245,134 @@ def masked_target_accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenize
         correct += int((predictions == labels[chosen]).sum())
         total += int(chosen.sum())
     return {"accuracy": correct / max(total, 1), "masked_tokens": total}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The student's batches: rows of pairs, with the top-k readings of ``stages/cmlm_topk.py`` when it has them.
+
+# The task's seq2seq columns (stages.data, stages.cmlm_teacher) and the readings' columns (stages.cmlm_topk).
+SOURCE, TARGET = "source", "target"
+CMLM_TOPK_IDS, CMLM_TOPK_PROBS = "cmlm_topk_ids", "cmlm_topk_probs"
+# The batch keys the readings travel under, [B, T, k], aligned with ``labels`` [B, T].
+TOPK_IDS, TOPK_PROBS = "topk_ids", "topk_probs"
+
+
+def _reading(cell, k: int, dtype) -> np.ndarray:
+    """One row's stored readings as an array [n, k]: Parquet hands a list<list<…>> cell back as an array of
+    k-vectors (or a 2-D array); an empty target's cell is empty."""
+    vectors = [np.asarray(vector) for vector in cell]
+    if not vectors:
+        return np.zeros((0, k), dtype=dtype)
+    return np.stack(vectors)
+
+
+def aligned_readings(id_cells: Sequence, prob_cells: Sequence, label_counts: Sequence[int], width: int,
+                     k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows' stored top-k readings laid out against the student's labels: ``topk_ids`` (int32) and
+    ``topk_probs`` (float16), each [B, width, k], zero past each row's readings, so the final [SEP] label and
+    the padding have no teacher distribution (``cmlm_loss`` skips them).
+
+    ``label_counts`` are the rows' label positions in this batch (target word pieces + [SEP]); a row must have
+    exactly one reading fewer, or the readings were cut with another tokenizer or ``max_target_length`` and
+    would land on the wrong tokens: that is refused. Readings stored with more than ``k`` ids keep their first
+    ``k``, the most likely (``soft_targets`` stores them in descending order); ``cmlm_loss`` renormalises over
+    the kept ids, which is then the teacher's distribution over its top-k at the same temperature. Fewer than
+    ``k`` is refused.
+    """
+    ids = np.zeros((len(label_counts), width, k), dtype=np.int32)
+    probs = np.zeros((len(label_counts), width, k), dtype=np.float16)
+    for row, (id_cell, prob_cell, labels) in enumerate(zip(id_cells, prob_cells, label_counts, strict=True)):
+        row_ids, row_probs = _reading(id_cell, k, np.int32), _reading(prob_cell, k, np.float16)
+        if len(row_ids) != labels - 1 or len(row_probs) != labels - 1:
+            raise ValueError(
+                f"row {row}: the C-MLM top-k covers {len(row_ids)} target tokens, but the student's labels have "
+                f"{labels - 1} (and [SEP]); the top-k stage cut the targets with another tokenizer or "
+                "max_target_length")
+        if len(row_ids) and (row_ids.shape[1] < k or row_probs.shape[1] < k):
+            raise ValueError(f"row {row}: the C-MLM top-k stores {row_ids.shape[1]} ids per token; the student "
+                             f"asks for k = {k}")
+        ids[row, :len(row_ids)] = row_ids[:, :k]
+        probs[row, :len(row_probs)] = row_probs[:, :k]
+    return torch.from_numpy(ids), torch.from_numpy(probs)
+
+
+class PairCollator:
+    """Rows ``{source, target[, cmlm_topk_ids, cmlm_topk_probs]}`` as the seq2seq student's batch
+    ``{input_ids, attention_mask, labels[, topk_ids, topk_probs]}`` (``student_batch``, ``aligned_readings``),
+    with the interface ``kd.worker`` uses of ``kd.batching.Collator``: called on rows for training, ``encode``
+    for evaluation (the pair without readings: dev rows have none), ``tokenizer`` saved with the student.
+
+    ``k`` None: the readings are not read even when the rows carry them (the ``nll`` baseline).
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_source_length: int, max_target_length: int,
+                 k: int | None = None):
+        self.tokenizer = tokenizer
+        self.max_source_length, self.max_target_length = max_source_length, max_target_length
+        self.k = k
+
+    def encode(self, rows) -> dict[str, torch.Tensor]:
+        return student_batch(self.tokenizer, [str(text) for text in rows[SOURCE]],
+                             [str(text) for text in rows[TARGET]], self.max_source_length, self.max_target_length)
+
+    def __call__(self, rows) -> dict[str, torch.Tensor]:
+        batch = self.encode(rows)
+        if self.k is not None and CMLM_TOPK_IDS in rows:
+            labels = batch["labels"]
+            batch[TOPK_IDS], batch[TOPK_PROBS] = aligned_readings(
+                rows[CMLM_TOPK_IDS], rows[CMLM_TOPK_PROBS], (labels != IGNORE_INDEX).sum(1).tolist(),
+                labels.shape[1], self.k)
+        return batch
+
+
+def pair_bucketed(chunks, batch_size: int, rng: np.random.Generator):
+    """``kd.batching.length_bucketed`` for pairs: each (shuffled) chunk cut into batches of similar source +
+    target length, visited in random order; every chunk of the same size gives the same number of batches."""
+    for chunk in chunks:
+        lengths = np.array([len(str(source)) + len(str(target))
+                            for source, target in zip(chunk[SOURCE], chunk[TARGET])])
+        order = np.argsort(lengths, kind="stable")
+        batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+        for index in rng.permutation(len(batches)):
+            yield {column: np.asarray(values)[batches[index]] for column, values in chunk.items()}
+
+
+def decoder_inputs(model: PreTrainedModel, labels: torch.Tensor) -> torch.Tensor:
+    """Teacher forcing: the decoder reads the labels shifted right after ``decoder_start_token_id`` ([CLS]), -100
+    read as [PAD], as BART's forward does given ``labels``; given these instead, it computes no loss of its own."""
+    config = model.config
+    shifted = labels.new_full(labels.shape, config.pad_token_id)
+    shifted[:, 1:] = labels[:, :-1].masked_fill(labels[:, :-1] == IGNORE_INDEX, config.pad_token_id)
+    shifted[:, 0] = config.decoder_start_token_id
+    return shifted
+
+
+def token_nll(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The labels' mean token-level cross-entropy under softmax(z), over the non-padded positions: ``cmlm_loss``'s
+    ``nll`` term alone."""
+    return F.cross_entropy(student_logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="sum") / (labels != IGNORE_INDEX).sum().clamp_min(1)
+
+
+@torch.no_grad()
+def teacher_forced_metrics(model: PreTrainedModel, collator: PairCollator, rows) -> dict[str, float]:
+    """A seq2seq student's dev metrics under teacher forcing, over all label positions of ``rows`` (an iterable
+    of row batches): ``token_accuracy``, the share whose argmax is the gold token, and ``nll``, the mean
+    token-level cross-entropy. One forward pass per batch, no decoding: cheap enough for every epoch. NaN when
+    the rows have no label position."""
+    model.eval()
+    device = next(model.parameters()).device
+    correct = total = 0
+    nll = 0.0
+    for chunk in rows:
+        batch = collator.encode(chunk)
+        labels = batch["labels"].to(device)
+        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                       decoder_input_ids=decoder_inputs(model, labels)).logits.float()
+        present = labels != IGNORE_INDEX
+        nll += float(F.cross_entropy(logits[present], labels[present], reduction="sum"))
+        correct += int((logits.argmax(-1)[present] == labels[present]).sum())
+        total += int(present.sum())
+    if not total:
+        return {"token_accuracy": float("nan"), "nll": float("nan")}
+    return {"token_accuracy": correct / total, "nll": nll / total}

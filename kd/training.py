@@ -11,7 +11,7 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_model, save_model
 from torch import nn
 from transformers import get_linear_schedule_with_warmup
 
@@ -64,7 +64,8 @@ def teacher_outputs(method: Method, teacher: nn.Module | None, batch: Batch) -> 
     if not method.uses_teacher:
         return None
     if not method.needs_teacher_online:
-        return TeacherOutputs(logits=batch[TEACHER_LOGITS])
+        # Cached signals other than logits (C-MLM's top-k) ride in the batch under keys the loss reads itself.
+        return TeacherOutputs(logits=batch[TEACHER_LOGITS] if "logits" in method.cached_signals else None)
     if teacher is None:
         raise ValueError(f"method {method.name!r} needs the teacher online, but none was given")
     with torch.no_grad():
@@ -182,7 +183,8 @@ class Distiller:
         """Resumable state: weights as safetensors, optimiser state for torch.load(weights_only=True)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.module.state_dict().items()}, directory / "module.safetensors")
+        # save_model writes a tensor shared under several names (a BART student's tied embeddings) once.
+        save_model(self.module, str(directory / "module.safetensors"))
         torch.save(
             {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
              "progress": vars(self.progress)},
@@ -191,7 +193,7 @@ class Distiller:
 
     def load_state(self, directory: str | os.PathLike) -> None:
         directory = Path(directory)
-        self.module.load_state_dict(load_file(directory / "module.safetensors", device=str(self.device)), strict=False)
+        load_model(self.module, str(directory / "module.safetensors"), strict=False, device=str(self.device))
         state = torch.load(directory / "trainer_state.pt", weights_only=True, map_location=self.device)
         self.progress = Progress(**state["progress"])
         if not self.finished:

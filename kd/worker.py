@@ -24,9 +24,9 @@ import pandas as pd
 import torch
 
 from kd.attention import SCORES_ATTENTION
-from kd.batching import LABEL, TEXT_A, TEXT_B, Collator, iterate_frame, length_bucketed
-from kd.evaluation import predict_logits, task_metrics
+from kd.batching import TEXT_A, TEXT_B, Collator, iterate_frame
 from kd.methods import get_method
+from kd.methods.base import task_dev_metrics, task_selection_metric
 from kd.students import StudentShape
 from kd.training import Distiller, TrainSettings, phase_epochs
 from kd.layout import BEST_DIR, HISTORY_FILE, STUDENT_DIR
@@ -130,11 +130,9 @@ def fail_if_injected(job: Mapping[str, Any], step: int, rank: int) -> None:
 
 
 def dev_metrics(model: torch.nn.Module, collator: Collator, io: TrainIO, regression: bool, batch_size: int) -> dict:
-    labels, encoded = [], []
-    for rows in io.dev_rows(batch_size):
-        labels.append(np.asarray(rows[LABEL]))
-        encoded.append(collator.encode(rows))
-    return task_metrics(predict_logits(model, encoded), np.concatenate(labels), regression)
+    """A classifier's task metrics on the dev rows; ``train_student`` asks the method (``Method.dev_metrics``),
+    whose default this is."""
+    return task_dev_metrics(model, collator, io.dev_rows(batch_size), regression)
 
 
 def corpus_texts(path: str) -> Iterator[str]:
@@ -158,11 +156,11 @@ def build_distiller(job: dict[str, Any], io: TrainIO) -> tuple[Distiller, Collat
     tokenizer = method.student_tokenizer(teacher_tokenizer, corpus_texts(job["train_path"]))
     teacher = None
     if job["teacher"] is not None:
-        teacher = load_classifier(job["teacher"], job["num_labels"], attentions="attentions" in method.online_signals)
+        teacher = method.load_model(job["teacher"], job["num_labels"], attentions="attentions" in method.online_signals)
     if job["shape"] is None:
         student = load_classifier(job["init_model"], job["num_labels"])
     else:
-        layers = teacher if job["layer_source"] is None else load_classifier(job["layer_source"], job["num_labels"])
+        layers = teacher if job["layer_source"] is None else method.load_model(job["layer_source"], job["num_labels"])
         student = method.build_student(layers, StudentShape.model_validate(job["shape"]))
     if "attentions" in method.student_outputs:
         student.set_attn_implementation(SCORES_ATTENTION)
@@ -199,9 +197,12 @@ def save_checkpoint(distiller: Distiller, collator: Collator, directory: Path, b
     (directory / HISTORY_FILE).write_text(json.dumps(distiller.progress.history))
 
 
-def selection_metric(regression: bool) -> str:
-    """The dev metric that picks a run's checkpoint: the first that ``kd.evaluation.task_metrics`` reports."""
-    return "pearson" if regression else "accuracy"
+def selection_metric(regression: bool, method: str | None = None) -> str:
+    """The dev metric that picks a run's checkpoint: the method's (``Method.selection_metric``; its default, and
+    without a method, the first that ``kd.evaluation.task_metrics`` reports)."""
+    if method is None:
+        return task_selection_metric(regression)
+    return get_method(method)().selection_metric(regression)
 
 
 def selected_epoch(history: list[dict]) -> int | None:
@@ -238,7 +239,8 @@ def train_student(job: dict[str, Any], io: TrainIO, verbose: bool = True) -> Dis
             {"event": "precision", "precision": distiller.precision, "reason": distiller.precision_reason})
     if rank0 and verbose:
         print(f"precision {distiller.precision_reason}", flush=True)
-    metric = selection_metric(job["regression"])
+    method = distiller.method
+    metric = method.selection_metric(job["regression"])
     final_phase = len(distiller.phases) - 1
 
     def on_progress(metrics: dict) -> None:
@@ -258,12 +260,12 @@ def train_student(job: dict[str, Any], io: TrainIO, verbose: bool = True) -> Dis
         epoch_seed = int(np.random.SeedSequence([settings.seed, io.rank, epochs_done]).generate_state(1)[0])
         rng = np.random.default_rng(epoch_seed)
         chunks = io.epoch_chunks(settings.batch_size * settings.bucket_batches, epoch_seed)
-        batches = (collator(rows) for rows in length_bucketed(chunks, settings.batch_size, rng))
+        batches = (collator(rows) for rows in method.training_batches(chunks, settings.batch_size, rng))
         phase_index = distiller.progress.phase_index
         started = time.perf_counter()
         losses = distiller.run_epoch(batches, on_progress)
         epoch_seconds = time.perf_counter() - started
-        dev = dev_metrics(distiller.student, collator, io, job["regression"], settings.batch_size * 2)
+        dev = method.dev_metrics(distiller.student, collator, io.dev_rows(settings.batch_size * 2), job["regression"])
         scored = [record["dev"][metric] for record in distiller.progress.history
                   if record.get("selected") is not None]
         improved = phase_index == final_phase and (not scored or dev[metric] > max(scored))

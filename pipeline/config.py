@@ -101,6 +101,9 @@ class Experiment(Strict):
             if "mlm_topk" in method.cached_signals and self.teacher.mlm is None:
                 problems.append(f"{where}: {spec.method} reads the teacher's masked-LM distribution; set teacher.mlm")
             problems += method.problems(where, spec, self)
+            if self.task.task_type not in method.task_types:
+                problems.append(f"{where}: {spec.method} trains students for {' and '.join(sorted(method.task_types))} "
+                                f"tasks, not {self.task.task_type}")
             if not method.copies_layers and (spec.student.init_from != "teacher" or spec.student.embedding_size):
                 problems.append(f"{where}: {spec.method} builds a student of its own kind, which takes neither "
                                 "student.init_from nor student.embedding_size; leave them out")

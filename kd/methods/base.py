@@ -9,20 +9,43 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterable, Literal, Mapping
+from typing import Any, ClassVar, Iterable, Iterator, Literal, Mapping
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from kd.batching import Collator
+from kd.batching import LABEL, Collator, length_bucketed
+from kd.checkpoints import load_classifier
 from kd.layer_maps import LayerMatch
 from kd.students import NAMED_SOURCES, StudentShape, build_student
 
-CACHED_SIGNALS = frozenset({"logits", "mlm_topk"})  # mlm_topk: the teacher's top-k masked-LM distribution per token
+# mlm_topk: the teacher's top-k masked-LM distribution per token; cmlm_topk: a C-MLM teacher's top-k distribution
+# per target token of a text pair (kd.cmlm, stages/cmlm_topk.py).
+CACHED_SIGNALS = frozenset({"logits", "mlm_topk", "cmlm_topk"})
 ONLINE_SIGNALS = frozenset({"logits", "hidden_states", "attentions"})
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+Rows = Mapping[str, Any]  # a batch of rows: column name → one value per row
+
+
+def task_selection_metric(regression: bool) -> str:
+    """The dev metric that picks a classifier's checkpoint: the first that ``kd.evaluation.task_metrics``
+    reports."""
+    return "pearson" if regression else "accuracy"
+
+
+def task_dev_metrics(model: nn.Module, collator: Collator, rows: Iterable[Rows], regression: bool) -> dict:
+    """A classifier's metrics on dev rows (``kd.evaluation.task_metrics`` of its logits against the gold
+    labels)."""
+    from kd.evaluation import predict_logits, task_metrics  # kd.evaluation imports kd.training, which imports this
+
+    labels, encoded = [], []
+    for batch in rows:
+        labels.append(np.asarray(batch[LABEL]))
+        encoded.append(collator.encode(batch))
+    return task_metrics(predict_logits(model, encoded), np.concatenate(labels), regression)
 
 
 class MethodParams(BaseModel):
@@ -70,6 +93,9 @@ class Method(ABC):
     # The architecture its students belong to. The report compares a student only with baselines of its family
     # and shape: a BiLSTM is not measured against a 3-layer transformer that happens to share its numbers.
     family: ClassVar[str] = "transformer"
+    # The task types (stages.config.TaskConfig.task_type) it trains students for: a classifier's methods serve
+    # classification and regression (``classification_only`` narrows that), the generation methods seq2seq.
+    task_types: ClassVar[frozenset[str]] = frozenset({"classification", "regression"})
 
     def __init__(self, params: MethodParams | Mapping[str, Any] | None = None):
         if params is None or isinstance(params, Mapping):
@@ -166,6 +192,12 @@ class Method(ABC):
         """Raise ValueError, naming the field, when a student of ``shape`` cannot be built from a teacher of this
         config; called before any Ray work, with the teacher's config alone."""
 
+    def load_model(self, source: str, num_labels: int, attentions: bool = False) -> PreTrainedModel:
+        """The model in folder ``source`` that a student is built from and, online, learns from: the teacher, or
+        the checkpoint ``student.init_from`` names. A sequence classifier of ``num_labels`` (with ``attentions``,
+        kd.attention's implementation); a method whose teacher is another kind of model loads that."""
+        return load_classifier(source, num_labels, attentions=attentions)
+
     def build_student(self, teacher: PreTrainedModel, shape: StudentShape) -> nn.Module:
         return build_student(teacher, self.resolve_shape(shape))
 
@@ -175,6 +207,21 @@ class Method(ABC):
 
     def phases(self) -> list[Phase]:
         return [Phase("train")]
+
+    def training_batches(self, chunks: Iterable[Rows], batch_size: int,
+                         rng: np.random.Generator) -> Iterator[Rows]:
+        """An epoch's shuffled chunks of rows cut into batches of rows (``kd.batching.length_bucketed``: similar
+        text lengths together); the collator turns each into tensors."""
+        return length_bucketed(chunks, batch_size, rng)
+
+    def dev_metrics(self, model: nn.Module, collator: Collator, rows: Iterable[Rows], regression: bool) -> dict:
+        """The student's metrics on the dev rows after each epoch (reported as ``dev_<name>``), among them
+        ``selection_metric``'s: the task's metrics of its logits (``task_dev_metrics``)."""
+        return task_dev_metrics(model, collator, rows, regression)
+
+    def selection_metric(self, regression: bool) -> str:
+        """The dev metric, higher is better, that picks the epoch whose student a run keeps."""
+        return task_selection_metric(regression)
 
     def student_forward(
         self, student: nn.Module, batch: Mapping[str, torch.Tensor], auxiliary: nn.ModuleDict, phase: str
