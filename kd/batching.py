@@ -61,8 +61,8 @@ class Collator:
         return batch
 
 
-def length_bucketed(chunks: Iterable[Mapping[str, np.ndarray]], batch_size: int,
-                    rng: np.random.Generator) -> Iterator[dict[str, np.ndarray]]:
+def length_bucketed(chunks: Iterable[Mapping[str, np.ndarray]], batch_size: int, rng: np.random.Generator,
+                    text_columns: tuple[str, ...] = (TEXT_A, TEXT_B)) -> Iterator[dict[str, np.ndarray]]:
     """Cut each (already shuffled) chunk of rows into batches of similar text length, visited in random order.
 
     Batches pad to their longest row; on rt-snippets the mean sentence is 27 tokens but a random batch of 32
@@ -71,9 +71,8 @@ def length_bucketed(chunks: Iterable[Mapping[str, np.ndarray]], batch_size: int,
     workers with equal shards stay in step.
     """
     for chunk in chunks:
-        lengths = np.array([len(str(text)) for text in chunk[TEXT_A]])
-        if TEXT_B in chunk:
-            lengths += np.array([len(str(text)) for text in chunk[TEXT_B]])
+        present = [column for column in text_columns if column in chunk]
+        lengths = sum(np.array([len(str(text)) for text in chunk[column]]) for column in present)
         order = np.argsort(lengths, kind="stable")
         batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
         for index in rng.permutation(len(batches)):

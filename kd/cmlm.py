@@ -325,18 +325,6 @@ class PairCollator:
         return batch
 
 
-def pair_bucketed(chunks, batch_size: int, rng: np.random.Generator):
-    """``kd.batching.length_bucketed`` for pairs: each (shuffled) chunk cut into batches of similar source +
-    target length, visited in random order; every chunk of the same size gives the same number of batches."""
-    for chunk in chunks:
-        lengths = np.array([len(str(source)) + len(str(target))
-                            for source, target in zip(chunk[SOURCE], chunk[TARGET])])
-        order = np.argsort(lengths, kind="stable")
-        batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
-        for index in rng.permutation(len(batches)):
-            yield {column: np.asarray(values)[batches[index]] for column, values in chunk.items()}
-
-
 def decoder_inputs(model: PreTrainedModel, labels: torch.Tensor) -> torch.Tensor:
     """Teacher forcing: the decoder reads the labels shifted right after ``decoder_start_token_id`` ([CLS]), -100
     read as [PAD], as BART's forward does given ``labels``; given these instead, it computes no loss of its own."""

@@ -13,13 +13,15 @@ from __future__ import annotations
 from pydantic import Field
 from transformers import PretrainedConfig, PreTrainedModel
 
+from kd.batching import length_bucketed
 from kd.cmlm import (
+    SOURCE,
+    TARGET,
     TOPK_IDS,
     TOPK_PROBS,
     PairCollator,
     cmlm_loss,
     decoder_inputs,
-    pair_bucketed,
     teacher_forced_metrics,
     token_nll,
 )
@@ -124,7 +126,7 @@ class Seq2SeqMethod(Method):
         return None
 
     def training_batches(self, chunks, batch_size, rng):
-        return pair_bucketed(chunks, batch_size, rng)
+        return length_bucketed(chunks, batch_size, rng, text_columns=(SOURCE, TARGET))
 
     def student_forward(self, student, batch, auxiliary, phase):
         """Teacher forcing: the decoder reads the gold labels shifted right (``kd.cmlm.decoder_inputs``, BART's own
