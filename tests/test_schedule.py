@@ -5,19 +5,17 @@ the nodes in the order the simulation does, and skips the same dependents of a f
 from __future__ import annotations
 
 import math
-import time
 from concurrent.futures import ThreadPoolExecutor
-from unittest import mock
 
 import pytest
-from rich.console import Console
 
 from benchmarks.bench_schedule import recorded, recorded_wall, schedule
 from pipeline.artifacts import write_result
-from pipeline.config import validate
-from pipeline.runner import PipelineRunner, StageFailures, StageNode
+from pipeline.runner import PipelineRunner, StageFailures
 from pipeline.schedule import SKIP, START, Scheduler, capacities, critical_path, simulate, stage_capacity
-from stages.config import RayConfig, StageConfig
+from stages.config import RayConfig
+
+from test_scheduler import runner_for as stub_runner
 
 # Planned order as the runner plans it: each student's distill, then its evaluation.
 DAG = {"data": [], "teacher": ["data"], "s1": ["teacher"], "e1": ["s1"], "s2": ["teacher"], "e2": ["s2"],
@@ -109,34 +107,13 @@ def test_capacity_for_n_nodes_is_the_runners_own_arithmetic(monkeypatch, tmp_pat
         assert runner.concurrency() == stage_capacity(runner.exp.ray, {"CPU": cpus})
 
 
-# --- the real execute_all, with stub stages (as tests/test_scheduler.py stubs them) --------------------------------
-
-DOCUMENT = {"name": "schedule", "task": {"source": "x.csv", "labels": [0, 1]},
-            "students": [{"name": "s", "method": "finetune", "student": {"layers": 1}}]}
-
-
-class Step(StageConfig):
-    label: str
-    seconds: float = 0.0
-    fail: bool = False
-
-
-def step(cfg: Step, inputs, ctx, out) -> dict:
-    time.sleep(cfg.seconds)
-    if cfg.fail:
-        raise RuntimeError(f"{cfg.label} broke")
-    return {"label": cfg.label}
+# --- the real execute_all, with tests/test_scheduler.py's stub stages ---------------------------------------------
 
 
 def runner_for(tmp_path, durations: dict[str, float], concurrency: int | None, failing=()) -> PipelineRunner:
-    exp = validate({**DOCUMENT, "workdir": str(tmp_path), "ray": {"max_concurrent_stages": concurrency}})
-    runner = PipelineRunner(exp, Console(width=120, quiet=True))
-    runner.tracker = mock.Mock()
-    runner.start_ray = lambda: None
-    for name, seconds in durations.items():
-        runner.add(StageNode(name, "step", step, Step(label=name, seconds=seconds * UNIT, fail=name in failing),
-                             {ref: ref for ref in DAG[name]}))
-    return runner
+    return stub_runner(tmp_path, [(name, {"seconds": seconds * UNIT, "fail": name in failing},
+                                   {ref: ref for ref in DAG[name]}) for name, seconds in durations.items()],
+                       concurrency)
 
 
 @pytest.fixture
