@@ -243,6 +243,7 @@ class BlockStream:
                  tokenizer: PreTrainedTokenizerBase, position: dict | None = None):
         self.io, self.packer, self.settings, self.rank = io, packer, settings, rank
         self.masked, self.tokenizer = masked, tokenizer
+        self.special_ids = torch.tensor(tokenizer.all_special_ids)  # never masked; built once, not every step
         self.position = dict(position or {"pass": 0, "rows": 0})
         self.sentences = 0  # sentences consumed by this worker since the stream was made
         self.tokens = 0  # real tokens in its batches
@@ -260,8 +261,7 @@ class BlockStream:
     def _mask(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         # Seeded by (seed, rank, step), so a resumed run masks each step as the uninterrupted run would.
         seed = int(np.random.SeedSequence([self.settings.seed, self.rank, step, 1]).generate_state(1)[0])
-        special = torch.tensor(self.tokenizer.all_special_ids)
-        masked, labels = mask_tokens(batch["input_ids"], batch["attention_mask"], special,
+        masked, labels = mask_tokens(batch["input_ids"], batch["attention_mask"], self.special_ids,
                                      self.tokenizer.mask_token_id, len(self.tokenizer),
                                      torch.Generator().manual_seed(seed))
         return {**batch, "input_ids": masked, MLM_LABELS: labels}
