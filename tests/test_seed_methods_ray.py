@@ -54,11 +54,16 @@ def artifacts(workdir, stage: str) -> list[Artifact]:
     return [Artifact(stage, p.name, p) for p in (workdir / "artifacts" / stage).iterdir() if not p.name.startswith(".")]
 
 
-def distilled(workdir, method: str) -> Artifact:
-    """The first student of ``method`` distilled in ``workdir``: other tests of the session add their own
-    variants of the smoke's students to the same workdir later."""
-    return min((a for a in artifacts(workdir, "distill") if a.result()["method"] == method),
+def first_finished(workdir, stage: str, wanted) -> Artifact:
+    """The first artifact of ``stage`` in ``workdir`` that ``wanted(result)`` accepts, by completion time: other
+    tests of the session add their own variants of the smoke's stages to the same workdir later, and a folder
+    listing's order differs between file systems."""
+    return min((a for a in artifacts(workdir, stage) if wanted(a.result())),
                key=lambda a: (a.path / "_COMPLETE").stat().st_mtime)
+
+
+def distilled(workdir, method: str) -> Artifact:
+    return first_finished(workdir, "distill", lambda result: result["method"] == method)
 
 
 def distill_curves(exp, name: str) -> set[str]:
@@ -171,8 +176,7 @@ def test_kd_learns_from_a_two_teacher_ensemble(smoke_pipeline):
     assert labels.result()["temperature"] == 2.0
     rows = pd.read_parquet(labels.path / "data").head(8)
     batch = {column: rows[column].to_numpy() for column in rows.columns if column != TEACHER_LOGITS}
-    teacher_dir = str(next(a.path for a in artifacts(exp.workdir, "teacher")
-                           if a.result().get("fine_tuned")) / STUDENT_DIR)
+    teacher_dir = str(first_finished(exp.workdir, "teacher", lambda result: result.get("fine_tuned")).path / STUDENT_DIR)
     threads = torch.get_num_threads()
     try:
         member_logits = [torch.from_numpy(TeacherPredictor(d, 2, 32, 1).logits(dict(batch)))
