@@ -152,19 +152,18 @@ def register(workdir: Path = typer.Argument(..., help="A finished run's workdir 
 def report(workdir: Path = typer.Argument(..., help="A run's workdir (holds summary.json).")) -> None:
     """Write WORKDIR/report.md and its plots from a finished run (pipeline run writes them too), and log them to
     that run's MLflow run."""
-    from pipeline.report import report_table
-    from pipeline.summary import load_summaries, write_workdir_report
+    from pipeline.summary import load_summaries, workdir_table, write_workdir_report
     from pipeline.tracking import log_report
 
     try:
         summaries = load_summaries(workdir.resolve())
     except FileNotFoundError as error:
         _fail(error)
-    paths = write_workdir_report(workdir.resolve(), summaries)
-    console.print(report_table(summaries))
-    run_id = log_report(workdir.resolve(), paths.files())
+    files = write_workdir_report(workdir.resolve(), summaries)
+    console.print(workdir_table(summaries))
+    run_id = log_report(workdir.resolve(), files)
     logged = f"; logged to MLflow run {run_id}" if run_id else "; no MLflow run recorded in the workdir, not logged"
-    console.print(f"report: {paths.markdown}{logged}")
+    console.print(f"report: {files[0]}{logged}")
 
 
 @app.command()

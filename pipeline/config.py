@@ -14,7 +14,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from stages.config import (  # noqa: F401  (the sections are part of this module's public API)
-    PACKAGED_TEACHER, RT_SNIPPETS, AugmentConfig, CorpusConfig, EnsembleConfig, EvaluateConfig, GeneralEntry,
+    PACKAGED_TEACHER, RT_SNIPPETS, AugmentConfig, CmlmConfig, CorpusConfig, EnsembleConfig, EvaluateConfig, GeneralEntry,
     LabelConfig, RayConfig, SplitNames, StudentBase, StudentSpec, Strict, TaskConfig, TeacherConfig,
 )
 
@@ -55,6 +55,9 @@ class Experiment(Strict):
         default=None, description="Teachers whose averaged soft labels students with soft_labels: ensemble learn from.")
     label: LabelConfig = Field(default_factory=LabelConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    cmlm: CmlmConfig = Field(
+        default_factory=CmlmConfig, description="Generation tasks (task_type: seq2seq): the C-MLM teacher, the pair "
+        "lengths and the top-k readings the cmlm students learn from.")
     general: list[GeneralEntry] = Field(
         default_factory=list, description="General distillations: student encoders distilled on unlabelled text, "
         "which students start from with student.init_from: general:NAME.")
@@ -104,9 +107,11 @@ class Experiment(Strict):
             if self.task.task_type not in method.task_types:
                 problems.append(f"{where}: {spec.method} trains students for {' and '.join(sorted(method.task_types))} "
                                 f"tasks, not {self.task.task_type}")
-            if not method.copies_layers and (spec.student.init_from != "teacher" or spec.student.embedding_size):
-                problems.append(f"{where}: {spec.method} builds a student of its own kind, which takes neither "
-                                "student.init_from nor student.embedding_size; leave them out")
+            if not method.copies_layers and (spec.student.init_from not in method.own_kind_init_from
+                                             or spec.student.embedding_size):
+                accepted = " or ".join(sorted(method.own_kind_init_from))
+                problems.append(f"{where}: {spec.method} builds a student of its own kind, which takes no "
+                                f"student.embedding_size and student.init_from {accepted} only")
             if spec.data == "augmented" and not (method.cached_signals or method.online_signals):
                 problems.append(f"{where}: {spec.method} learns from gold labels only, which augmented rows do not "
                                 "have; use data: task")
@@ -114,10 +119,6 @@ class Experiment(Strict):
                 problems.append(f"{where}: data: augmented needs a classification task (augmented rows are marked "
                                 "by the label -1)")
         problems += self._seed_method_problems() + self._general_problems()
-        if self.task.task_type == "seq2seq":
-            # Its data stage and the C-MLM teacher's stages exist; its students do not, so a run would fail late.
-            problems.append("task.task_type: seq2seq has no students yet (the methods cmlm and nll are in progress; "
-                            "see docs/generation.md): a run cannot train one")
         if self.augment.rule == "tinybert" and self.teacher.mlm is None and any(
                 spec.data == "augmented" for spec in self.students):
             problems.append("augment.rule: tinybert draws replacements from the masked-LM teacher; set teacher.mlm")
@@ -135,6 +136,9 @@ class Experiment(Strict):
                                 "teacher.mlm")
             if entry.corpus.source == "augmented" and self.task.task_type == "regression":
                 problems.append(f"{where}: corpus.source: augmented needs a classification task")
+            if entry.corpus.source in ("task", "augmented") and self.task.task_type == "seq2seq":
+                problems.append(f"{where}: corpus.source: {entry.corpus.source} reads a classification task's text; "
+                                "a seq2seq task's students build their own encoder (use wordnet, a file or hub:)")
         names = {entry.name: entry for entry in self.general}
         for index, spec in enumerate(self.students):
             source = spec.student.general_source

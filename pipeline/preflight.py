@@ -12,6 +12,7 @@ from kd.layer_maps import validate_matches
 from kd.students import NAMED_SOURCES, check_layer_source, copied_layers, student_config
 from pipeline.config import ConfigError, Experiment
 from kd.errors import StageError
+from stages.cmlm_teacher import check_pair_length
 from stages.models import resolve_model_source
 
 
@@ -58,6 +59,12 @@ def check_students_fit_teacher(exp: Experiment) -> None:
         teacher_config(member.source, f"ensemble.teachers[{index}].source")  # readable before any Ray work
     depth = config.num_hidden_layers
     general, problems = general_configs(exp, config)
+    if exp.task.task_type == "seq2seq":
+        try:
+            check_pair_length(resolve_model_source(exp.teacher.source), exp.cmlm.max_source_length,
+                              exp.cmlm.max_target_length)
+        except StageError as error:
+            problems.append(f"cmlm: {error}")
     for index, spec in enumerate(exp.students):
         where = f"students[{index}] ({spec.name})"
         layers = spec.student.layers

@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.artifacts import ArtifactStore
 from pipeline.summary import load_summaries
-from pipeline.summary_schema import Summary
+from pipeline.summary_schema import GenerationSummary, Summary
 from pipeline.tracking import RUN_FILE, recorded_run
 from kd.errors import StageError
 from kd.layout import ENCODER_DIR, STUDENT_DIR
@@ -20,7 +20,7 @@ from kd.students import GENERAL_PREFIX
 from stages.register import BEST, ServedTask, log_served, register
 
 
-def choose_student(summary: Summary, student: str, max_latency_ms: float | None = None) -> str:
+def choose_student(summary: Summary | GenerationSummary, student: str, max_latency_ms: float | None = None) -> str:
     """``student`` itself, or for ``best`` the student with the best dev metric, within ``max_latency_ms``."""
     students, metric = summary.students, summary.metric
     if student != BEST:
@@ -118,10 +118,13 @@ def register_run_student(workdir: Path, student: str, max_latency_ms: float | No
     finally:
         mlflow.end_run()  # FINISHED, as the run was: a failed registration leaves the run's status alone
     registered_name = name or _registry_name(run.data.params) or f"{summary.experiment}-{entry.method}"
+    # A generator has no speedup over its teacher (a masked LM generates nothing): its speed is its own.
+    speed = ({"sentences_per_second": round(entry.sentences_per_second, 2)} if isinstance(summary, GenerationSummary)
+             else {"speedup": round(entry.speedup, 2)})
     version = register(info.model_uri, registered_name, {
         "method": entry.method, "teacher": summary.teacher.source, "student": chosen,
         "run_id": run.info.run_id, f"dev_{metric}": entry.dev[metric], f"test_{metric}": entry.test[metric],
-        "speedup": round(entry.speedup, 2), "latency_ms": round(entry.latency_ms, 2), "params": entry.params,
+        **speed, "latency_ms": round(entry.latency_ms, 2), "params": entry.params,
         "config": json.dumps(dict(sorted(distill.data.params.items()))),
     })
     return registered_name, version, chosen

@@ -9,7 +9,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from pipeline.pareto import group_colours, plot_pareto
-from pipeline.report_stats import StudentRow
+from pipeline.report_stats import Spread, StudentRow
 from pipeline.summary_schema import Summary
 
 
@@ -79,6 +79,27 @@ def plot_early_exit(curves: Mapping[str, list[dict]], path: Path) -> Path:
         axes.grid(alpha=0.3)
         axes.legend(fontsize=8)
     figure.suptitle("FastBERT early exit")
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return path
+
+
+def plot_generation_scores(scores: Mapping[str, Spread], path: Path, experiment: str) -> Path:
+    """A generation task's students as bars of test BLEU, with the standard deviation over seeds as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(scores)
+    figure, axes = plt.subplots(figsize=(7, 0.45 * len(names) + 1.4), dpi=120)
+    axes.barh(names, [scores[name].mean for name in names],
+              xerr=[scores[name].std or 0.0 for name in names], color="#4c72b0", capsize=3)
+    axes.invert_yaxis()
+    axes.set_xlabel("test BLEU (beam)")
+    axes.grid(axis="x", alpha=0.3)
+    axes.set_title(f"{experiment}: test BLEU per student")
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)

@@ -29,17 +29,18 @@ from kd.methods import get_method
 from pipeline.artifacts import Artifact, ArtifactStore, content_key, write_result
 from pipeline.code_keys import code_digests
 from pipeline.config import ConfigError, Experiment
+from pipeline.generation import build_generation_summary, generation_table
 from pipeline.ray_session import check_ray, ensure_ray, link_worker_logs
 from pipeline.schedule import START, Scheduler, stage_capacity
 from pipeline.summary import build_summary, summary_table, write_summaries, write_workdir_report
-from pipeline.summary_schema import Summary
 from pipeline.tracking import Tracker, log_report, remember_run
-from stages import augment, data, distill, evaluate, general, label, mlm_teacher, mlm_topk, teacher, vocabulary
+from stages import (augment, cmlm_teacher, cmlm_topk, data, distill, evaluate, evaluate_generation, general, label,
+                    mlm_teacher, mlm_topk, teacher, vocabulary)
 from stages.config import StageConfig
 from kd.errors import StageError
 from stages.label import ensemble_temperature
 from stages.progress import progress_board
-from kd.layout import ENCODER_DIR, STUDENT_DIR
+from kd.layout import ENCODER_DIR, MLM_DIR, STUDENT_DIR
 
 log = logging.getLogger(__name__)
 
@@ -53,15 +54,20 @@ def corpus_key(stage: str, data_name: str, temperature: float | None = None) -> 
     return key if temperature is None else f"{key}@ensemble-T{temperature:g}"
 
 
+# Cached signals that are a prepared corpus of their own: the teacher's readings joined to the train rows.
+READINGS = ("mlm_topk", "cmlm_topk")
+
+
 def student_corpus(spec) -> str | None:
     """The prepared Parquet a student trains on, or None for the plain train split: masked-LM top-k for
-    TextSmooth, soft labels for the other cached-signal methods, for every student on the augmented corpus
-    (its copies have no gold label, so the teacher's are what an online method reads too) and for every student
-    learning from the ensemble (its logits stand in for the teacher's)."""
+    TextSmooth, the C-MLM teacher's top-k for a cmlm student, soft labels for the other cached-signal methods, for
+    every student on the augmented corpus (its copies have no gold label, so the teacher's are what an online method
+    reads too) and for every student learning from the ensemble (its logits stand in for the teacher's)."""
     method = get_method(spec.method)
     temperature = ensemble_temperature(spec)
-    if "mlm_topk" in method.cached_signals:
-        return corpus_key("mlm_topk", spec.data, temperature)
+    for readings in READINGS:
+        if readings in method.cached_signals:
+            return corpus_key(readings, spec.data, temperature)
     if method.cached_signals or spec.data == "augmented" or temperature is not None:
         return corpus_key("label", spec.data, temperature)
     return None
@@ -281,9 +287,10 @@ class PipelineRunner:
         Returns the node of each, by its stage-input name."""
         exp = self.exp
         students = list(students)
+        if self.generates:
+            return self.plan_generation(students)
         teacher_block = without_mlm(exp.teacher)
-        refs = {"data": self.add(StageNode("data", "data", data.run, data.Config.of(exp),
-                                           params=exp.task.model_dump(mode="json")))}
+        refs = {"data": self.plan_data()}
         refs["teacher"] = self.add(StageNode("teacher", "teacher", teacher.run,
                                              teacher.Config.of(exp, teacher=teacher_block), {"data": refs["data"]},
                                              params=exp.teacher.model_dump(mode="json")))
@@ -332,6 +339,45 @@ class PipelineRunner:
             "evaluate teacher", "evaluate", evaluate.run, evaluate.Config.of(exp, teacher=teacher_block),
             {"model": refs["teacher"], "data": refs["data"]}))
         return refs
+
+    @property
+    def generates(self) -> bool:
+        """A generation task: its teacher is a C-MLM teacher and its students seq2seq models (docs/generation.md)."""
+        return self.exp.task.task_type == "seq2seq"
+
+    def plan_data(self) -> str:
+        return self.add(StageNode("data", "data", data.run, data.Config.of(self.exp),
+                                  params=self.exp.task.model_dump(mode="json")))
+
+    def plan_generation(self, students: list) -> dict[str, str]:
+        """A generation task's shared stages: the data, the C-MLM teacher (the students' ``teacher`` input), and its
+        top-k readings of the train pairs when a student learns from them."""
+        exp = self.exp
+        refs = {"data": self.plan_data()}
+        refs["teacher"] = self.add(StageNode(
+            "C-MLM teacher", "cmlm_teacher", cmlm_teacher.run,
+            cmlm_teacher.Config.of(exp, teacher=without_mlm(exp.teacher), cmlm=exp.cmlm.teacher_settings()),
+            {"data": refs["data"]}, params=exp.cmlm.teacher_settings().model_dump(),
+            artifacts=lambda art: {"cmlm_teacher": art.path / MLM_DIR}))
+        for corpus in sorted({student_corpus(spec) for spec in students} - {None}):
+            readings = {name: getattr(exp.cmlm, name) for name in cmlm_topk.Config.model_fields if name != "label"}
+            refs[corpus] = self.add(StageNode(
+                "C-MLM top-k", "cmlm_topk", cmlm_topk.run, cmlm_topk.Config.of(exp, **readings),
+                {"data": refs["data"], "cmlm_teacher": refs["teacher"]}, params=readings))
+        return refs
+
+    def plan_evaluation(self, spec, distill_ref: str, refs: dict[str, str], suffix: str) -> str:
+        exp = self.exp
+        if self.generates:
+            return self.add(StageNode(
+                f"evaluate {spec.name}{suffix}", "evaluate_generation", evaluate_generation.run,
+                evaluate_generation.Config.of(exp.evaluate, max_source_length=exp.cmlm.max_source_length),
+                {"model": distill_ref, "data": refs["data"]}))
+        sweeps = exp.evaluate.exit_speeds if get_method(spec.method).exits_early else []
+        return self.add(StageNode(
+            f"evaluate {spec.name}{suffix}", "evaluate", evaluate.run,
+            evaluate.Config.of(exp, teacher=without_mlm(exp.teacher), exit_speeds=sweeps),
+            {"model": distill_ref, "data": refs["data"]}))
 
     def plan_mlm_teacher(self, refs: dict[str, str]) -> str:
         refs["mlm_teacher"] = self.add(StageNode(
@@ -430,11 +476,7 @@ class PipelineRunner:
                 self.student_refs(refs, spec, distills), code=(get_method(spec.method).__module__,),
                 params=spec.model_dump(mode="json"), tags={"method": spec.method},
                 artifacts=lambda art: {"student": art.path / STUDENT_DIR}))
-            sweeps = exp.evaluate.exit_speeds if get_method(spec.method).exits_early else []
-            evaluation = self.add(StageNode(
-                f"evaluate {spec.name}{suffix}", "evaluate", evaluate.run,
-                evaluate.Config.of(exp, teacher=without_mlm(exp.teacher), exit_speeds=sweeps),
-                {"model": distills[spec.name], "data": refs["data"]}))
+            evaluation = self.plan_evaluation(spec, distills[spec.name], refs, suffix)
             planned[spec.name] = (spec, distills[spec.name], evaluation)
         return planned
 
@@ -585,15 +627,18 @@ class PipelineRunner:
         self.execute_all()
         return {name: self.done[ref] for name, ref in refs.items()}
 
-    def summarise(self, prepared: dict[str, Artifact], students: dict[str, tuple[Any, str, str]]) -> Summary:
-        """One seed's summary, with the teacher and every student timed together now."""
-        evaluations = {"teacher": prepared["teacher_eval"]}
+    def summarise(self, prepared: dict[str, Artifact], students: dict[str, tuple[Any, str, str]]):
+        """One seed's summary, with the teacher and every student timed together now (a generation task's students
+        are timed by their evaluations: it has no teacher to time against)."""
+        evaluations = {} if self.generates else {"teacher": prepared["teacher_eval"]}
         distills, train_rows = {}, {}
         for student_name, (spec, distill_node, evaluate_node) in students.items():
             distills[student_name] = self.done[distill_node]
             evaluations[student_name] = self.done[evaluate_node]
             inputs = {name: self.done[ref] for name, ref in self.nodes[distill_node].inputs.items()}
             train_rows[student_name] = distill.train_corpus(inputs)[1]
+        if self.generates:
+            return build_generation_summary(self.exp, evaluations, distills, prepared, train_rows)
         model_dirs = {"teacher": prepared["teacher"].path, **{name: art.path for name, art in distills.items()}}
         timings = self.time_models(model_dirs, prepared["data"].path)
         return build_summary(self.exp, evaluations, distills, prepared, train_rows, timings)
@@ -622,9 +667,9 @@ class PipelineRunner:
         mlflow.log_artifact(str(path))
         mlflow.log_metrics({f"{name}.dev_{metric}": value for name, s in summary.students.items()
                             for metric, value in s.dev.items()})
-        self.console.print(summary_table(summary))
-        paths = write_workdir_report(exp.workdir, summaries)
-        log_report(exp.workdir, paths.files())
+        self.console.print(generation_table(summaries) if self.generates else summary_table(summary))
+        files = write_workdir_report(exp.workdir, summaries)
+        log_report(exp.workdir, files)
         verdict = "nothing recomputed" if self.counts["ran"] == 0 else f"{self.counts['ran']} stage(s) ran"
-        self.console.print(f"{verdict}, {self.counts['cached']} cached. Summary: {path}; report: {paths.markdown}")
+        self.console.print(f"{verdict}, {self.counts['cached']} cached. Summary: {path}; report: {files[0]}")
         return summary.model_dump(mode="json")  # run() returns what summary.json holds, in JSON types

@@ -13,12 +13,13 @@ import torch
 from rich.table import Table
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
-from kd.methods import get_method
 from kd.students import parameter_counts
 from kd.worker import selection_metric
-from pipeline.report import ReportPaths, write_report
+from pipeline.generation import generation_table, write_generation_report
+from pipeline.report import ReportPaths, report_table, write_report
 from pipeline.report_stats import training_cost
-from pipeline.summary_schema import EnsembleMember, EnsembleSummary, Init, StudentSummary, Summary, TeacherSummary
+from pipeline.summary_schema import (EnsembleMember, EnsembleSummary, GenerationSummary, Init, StudentSummary, Summary,
+                                     TeacherSummary)
 from stages.evaluate import TEST_PREDICTIONS
 from kd.layout import STUDENT_DIR
 
@@ -156,7 +157,7 @@ def write_summaries(workdir: Path, summaries: Sequence[Summary]) -> Path:
     return path
 
 
-def load_summaries(workdir: Path) -> list[Summary]:
+def load_summaries(workdir: Path) -> list[Summary | GenerationSummary]:
     """Per-seed summaries of a run (``summaries/seed-N.json``), or its single ``summary.json``. Raises
     ``FileNotFoundError`` (``SummaryOutdated`` for a file of another schema) with what to run."""
     per_seed = sorted((workdir / SEED_SUMMARIES).glob("seed-*.json"), key=lambda p: int(p.stem.split("-")[1]))
@@ -166,8 +167,21 @@ def load_summaries(workdir: Path) -> list[Summary]:
     return [Summary.read(path) for path in paths]
 
 
-def write_workdir_report(workdir: Path, summaries: Sequence[Summary]) -> ReportPaths:
-    """Collect predictions, labels and training costs named by the summaries, and write the report."""
+def write_workdir_report(workdir: Path, summaries: Sequence[Summary | GenerationSummary]) -> list[Path]:
+    """Write the report of a workdir's summaries: its files, ``report.md`` first."""
+    if isinstance(summaries[0], GenerationSummary):
+        return write_generation_report(workdir, summaries)
+    return write_task_report(workdir, summaries).files()
+
+
+def workdir_table(summaries: Sequence[Summary | GenerationSummary]) -> Table:
+    """The report's table for the terminal."""
+    return generation_table(summaries) if isinstance(summaries[0], GenerationSummary) else report_table(summaries)
+
+
+def write_task_report(workdir: Path, summaries: Sequence[Summary]) -> ReportPaths:
+    """A classification or regression task's report: collect predictions, labels and training costs named by the
+    summaries, and write it."""
     first = summaries[0]
     test_labels = pd.read_parquet(first.data_dir / "test.parquet")["label"].to_numpy()
     predictions = {name: [np.load(s.students[name].evaluate_dir / TEST_PREDICTIONS) for s in summaries]

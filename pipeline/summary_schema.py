@@ -2,6 +2,9 @@
 typed and versioned model. ``pipeline.summary`` builds it and writes it to the workdir; the report, the registry
 and the benchmarks read it back through ``Summary.read``, so a field is named and typed here and nowhere else.
 
+A generation task's summary (``GenerationSummary``, ``kind: generation``) has students of its own kind: BLEU and
+ROUGE-L instead of a task metric, and the C-MLM teacher instead of a classifier.
+
 Version 2 gives each student its ``family`` and whether it is a ``baseline`` (learns from gold labels alone), which
 the report's choice of baseline reads; version 1 had neither. A file without ``schema_version`` was written before
 the version was recorded, so it is version 1. A file of another version, or one that lacks a field, is refused with
@@ -122,6 +125,88 @@ class EnsembleSummary(_Record):
     test: Metrics
 
 
+class CmlmTeacherSummary(_Record):
+    """A generation task's teacher: the checkpoint fine-tuned as a conditional masked LM, scored by its accuracy on
+    masked target tokens of dev before and after."""
+
+    source: str
+    params: int
+    steps: int
+    masked_accuracy_before: float
+    masked_accuracy_after: float
+
+
+class SoftTargetCost(_Record):
+    """The ``cmlm_topk`` stage: the C-MLM teacher's top-k readings of every target token of the train pairs."""
+
+    rows: int
+    seconds: float
+    rows_per_second: float
+    k: int
+    rounds: int
+    temperature: float
+
+
+class BootstrapTest(_Record):
+    """Koehn's paired bootstrap of test BLEU (beam) against the baseline of the student's shape, on the same test
+    sentences (``kd.generation.paired_bootstrap``): ``difference`` is student − baseline, in BLEU points."""
+
+    baseline: str
+    difference: float
+    ci95: list[float]
+    p_value: float
+    samples: int
+
+
+class GenerationStudentSummary(_Record):
+    """A seq2seq student: BLEU (0-100) and ROUGE-L (0-1) with beam search (``bleu``, ``rougeL``) and greedy
+    decoding (``bleu_greedy``, ``rougeL_greedy``) on dev and test, and the speed of greedy generation."""
+
+    method: str
+    family: str
+    baseline: bool
+    encoder_layers: int
+    decoder_layers: int
+    hidden_size: int
+    init: Literal["teacher", "random"]  # the encoder copied from a checkpoint's first layers, or random
+    init_from: str  # that checkpoint: the C-MLM teacher (teacher) or the one it was fine-tuned from (pretrained)
+    selected_epoch: int | None
+    dev: Metrics
+    test: Metrics
+    params: int
+    size_bytes: int
+    sentences_per_second: float
+    ms_per_batch: float
+    epochs: int
+    epoch_seconds: float | None
+    train_rows: int
+    evaluate_dir: Path
+    against_baseline: BootstrapTest | None = None
+
+    @property
+    def latency_ms(self) -> float:
+        """Greedy generation of one test batch (``evaluate.latency_batch_size`` sentences), as a classifier's
+        latency is one batch's."""
+        return self.ms_per_batch
+
+
+class GenerationSummary(_Record):
+    """One seed of a generation task (``task.task_type: seq2seq``): the C-MLM teacher, the cost of its readings,
+    and every seq2seq student."""
+
+    schema_version: Literal[SCHEMA_VERSION] = SCHEMA_VERSION
+    kind: Literal["generation"] = "generation"
+    experiment: str
+    metric: Literal["bleu"] = "bleu"
+    data_dir: Path
+    teacher: CmlmTeacherSummary
+    soft_targets: SoftTargetCost | None = Field(default=None, exclude_if=_absent)  # None: no cmlm student
+    students: dict[str, GenerationStudentSummary]
+
+    def write(self, path: Path) -> None:
+        path.write_text(json.dumps(self.model_dump(mode="json"), indent=2))
+
+
 class SummaryOutdated(FileNotFoundError):
     """The workdir's summary is not one this code reads. A FileNotFoundError because, like a missing summary, a run
     of the pipeline writes it, and the CLI and the registry already say so in one line."""
@@ -141,14 +226,15 @@ class Summary(_Record):
         path.write_text(json.dumps(self.model_dump(mode="json"), indent=2))
 
     @classmethod
-    def read(cls, path: Path) -> Summary:
+    def read(cls, path: Path) -> Summary | GenerationSummary:
+        """A classification or regression task's summary, or a generation task's (``kind: generation``)."""
         data = json.loads(path.read_text())
         version = data.get("schema_version", 1)
         if version != SCHEMA_VERSION:
             raise SummaryOutdated(f"{path} has summary schema version {version}; this code reads version "
                                   f"{SCHEMA_VERSION}; {REWRITE}")
         try:
-            return cls.model_validate(data)
+            return (GenerationSummary if data.get("kind") == "generation" else cls).model_validate(data)
         except ValidationError as error:
             first = error.errors()[0]
             where = ".".join(str(part) for part in first["loc"])

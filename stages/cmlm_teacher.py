@@ -18,15 +18,15 @@ import pandas as pd
 import ray
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from transformers import AutoConfig, get_linear_schedule_with_warmup
 
 from kd.checkpoints import load_tokenizer
 from kd.cmlm import encode_pairs, mask_targets, masked_target_accuracy
 from kd.errors import StageError
 from kd.layout import MLM_DIR
-from kd.mlm import IGNORE_INDEX, MASK_PROBABILITY, logits_at, masked_lm_from
-from stages.config import RayConfig, StageConfig, TeacherConfig
+from kd.mlm import IGNORE_INDEX, logits_at, masked_lm_from
+from stages.config import CmlmSettings, RayConfig, StageConfig, TeacherConfig
 from stages.models import resolve_model_source
 
 # The task's seq2seq columns, as the data stage writes them (stages.data.SOURCE, TARGET).
@@ -35,25 +35,6 @@ SOURCE, TARGET = "source", "target"
 REPORT_EVERY = 50
 # [CLS] source [SEP] target [SEP]: the special tokens around the two cut segments.
 PAIR_SPECIAL_TOKENS = 3
-
-
-class CmlmSettings(BaseModel):
-    """Fine-tuning the teacher as a conditional masked LM (stage ``cmlm_teacher``). The two lengths also cut the
-    pairs for the top-k readings and the student: all three must agree (see ``kd.cmlm.student_batch``)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    steps: int = Field(default=1000, ge=1, description="Optimiser steps over the train pairs.")
-    batch_size: int = Field(default=32, ge=1, description="Pairs per step.")
-    learning_rate: float = Field(default=5e-5, gt=0, description="AdamW's peak rate, after a linear warm-up; it "
-                                 "then decays linearly to 0 at the last step.")
-    max_source_length: int = Field(default=64, ge=1, description="Source word pieces kept (special tokens not "
-                                   "counted).")
-    max_target_length: int = Field(default=64, ge=1, description="Target word pieces kept (special tokens not "
-                                   "counted); the student's labels are cut the same way.")
-    mask_probability: float = Field(default=MASK_PROBABILITY, gt=0, le=1, description="Share of target tokens "
-                                    "chosen per pair (at least one), 80/10/10 as in BERT.")
-    warmup_ratio: float = Field(default=0.1, ge=0, lt=1, description="Share of the steps spent warming up.")
 
 
 def check_pair_length(model_source: str, max_source_length: int, max_target_length: int) -> None:

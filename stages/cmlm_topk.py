@@ -22,14 +22,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 import torch
-from pydantic import Field
 
 from kd.checkpoints import load_tokenizer
 from kd.cmlm import encode_pairs, soft_targets
 from kd.layout import MLM_DIR
 from kd.mlm import masked_lm_from
 from stages.cmlm_teacher import SOURCE, TARGET, check_pair_length
-from stages.config import LabelConfig, StageConfig
+from stages.config import CmlmLengths, CmlmTopKSettings, LabelConfig, StageConfig
 from stages.label import read_rows, teacher_pool, teacher_threads
 from stages.mlm_topk import nested_lists
 
@@ -81,18 +80,11 @@ class CmlmTopKPredictor:
         return table.append_column(CMLM_TOPK_IDS, nested_lists(ids)).append_column(CMLM_TOPK_PROBS, nested_lists(probs))
 
 
-class Config(StageConfig):
+class Config(StageConfig, CmlmLengths, CmlmTopKSettings):
     """The teacher is the ``cmlm_teacher`` input (whose key covers ``teacher``); the lengths must be the ones it
-    was trained with and the student will be (``cmlm.max_source_length``, ``cmlm.max_target_length``)."""
+    was trained with and the student will be (the experiment's ``cmlm`` section gives all three)."""
 
     label: LabelConfig
-    k: int = Field(default=8, ge=1, description="Token ids kept per target token.")
-    rounds: int = Field(default=7, ge=1, description="Batched passes per slice of pairs: every rounds-th target "
-                        "token is masked together (kd.cmlm.soft_targets); Chen et al. use 7.")
-    temperature: float = Field(default=1.0, gt=0, description="The teacher's softmax temperature, cut to the top-k; "
-                               "the student's loss must use the same one.")
-    max_source_length: int = Field(default=64, ge=1)
-    max_target_length: int = Field(default=64, ge=1)
 
 
 def run(cfg: Config, inputs, ctx, out: Path) -> dict:

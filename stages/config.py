@@ -21,7 +21,7 @@ from pydantic_core import PydanticCustomError
 from kd.augment import AugmentSettings
 from kd.general import GeneralLosses, GeneralSettings
 from kd.methods import METHODS, Method
-from kd.mlm import MlmSettings
+from kd.mlm import MASK_PROBABILITY, MlmSettings
 from kd.students import StudentShape
 from kd.training import TrainSettings
 
@@ -74,8 +74,10 @@ class TaskConfig(Strict):
     task_type: Literal["classification", "regression", "seq2seq"] = Field(
         default="classification", description="seq2seq: text-to-text pairs read from source_column and "
         "target_column, without labels.")
-    source_column: str = Field(default="source", description="seq2seq: the column of the input text.")
-    target_column: str = Field(default="target", description="seq2seq: the column of the text to generate.")
+    source_column: str = Field(default="source", description="seq2seq: the column of the input text; FIELD.KEY "
+                               "reads a key of a column of mappings (a translation dataset's translation.de).")
+    target_column: str = Field(default="target", description="seq2seq: the column of the text to generate (FIELD.KEY "
+                               "as for source_column).")
     labels: list[Union[int, str]] | None = Field(
         default=None, description="The declared label set, in class-index order (classification)."
     )
@@ -280,6 +282,10 @@ class RayConfig(Strict):
 
 class EvaluateConfig(Strict):
     batch_size: int = Field(default=64, ge=1)
+    num_beams: int = Field(default=4, ge=1, description="Generation tasks: beams of the headline beam search "
+                           "(greedy decoding is scored too).")
+    max_new_tokens: int = Field(default=64, ge=1, description="Generation tasks: most tokens generated per "
+                                "sentence, [SEP] included.")
     latency_batch_size: int = Field(default=32, ge=1)
     latency_repeats: int = Field(default=10, ge=1)
     threads: int | None = Field(default=None, ge=1, json_schema_extra=UNKEYED,
@@ -288,6 +294,48 @@ class EvaluateConfig(Strict):
     exit_speeds: list[Annotated[float, Field(ge=0, le=1)]] = Field(
         default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8], min_length=1, json_schema_extra=UNKEYED,
         description="FastBERT students: the entropy thresholds swept at evaluation (0: no early exit).")
+
+
+class CmlmLengths(Strict):
+    """How a generation task's pairs are cut, in word pieces: the C-MLM teacher, its top-k readings and the student
+    must cut them alike, or a reading lands on another token (``kd.cmlm.student_batch``)."""
+
+    max_source_length: int = Field(default=64, ge=1, description="Source word pieces kept (special tokens not "
+                                   "counted).")
+    max_target_length: int = Field(default=64, ge=1, description="Target word pieces kept (special tokens not "
+                                   "counted); the student's labels are these and [SEP].")
+
+
+class CmlmSettings(CmlmLengths):
+    """Fine-tuning the teacher as a conditional masked LM (stage ``cmlm_teacher``)."""
+
+    steps: int = Field(default=1000, ge=1, description="Optimiser steps over the train pairs.")
+    batch_size: int = Field(default=32, ge=1, description="Pairs per step.")
+    learning_rate: float = Field(default=5e-5, gt=0, description="AdamW's peak rate, after a linear warm-up; it "
+                                 "then decays linearly to 0 at the last step.")
+    mask_probability: float = Field(default=MASK_PROBABILITY, gt=0, le=1, description="Share of target tokens "
+                                    "chosen per pair (at least one), 80/10/10 as in BERT.")
+    warmup_ratio: float = Field(default=0.1, ge=0, lt=1, description="Share of the steps spent warming up.")
+
+
+class CmlmTopKSettings(Strict):
+    """The C-MLM teacher's readings of every target token (stage ``cmlm_topk``); a ``cmlm`` student learns at this
+    temperature and from at most these k."""
+
+    k: int = Field(default=8, ge=1, description="Token ids kept per target token.")
+    rounds: int = Field(default=7, ge=1, description="Batched passes per slice of pairs: every rounds-th target "
+                        "token is masked together (kd.cmlm.soft_targets); Chen et al. use 7.")
+    # Chen et al.'s released command reads the teacher at T = 10 (ChenRocks/Distill-BERT-Textgen, --kd_temperature).
+    temperature: float = Field(default=10.0, gt=0, description="The teacher's softmax temperature, cut to the top-k.")
+
+
+class CmlmConfig(CmlmSettings, CmlmTopKSettings):
+    """The experiment's ``cmlm`` section (generation tasks): the C-MLM teacher's fine-tuning, the pair lengths every
+    stage shares, and the top-k readings the ``cmlm`` students learn from."""
+
+    def teacher_settings(self) -> CmlmSettings:
+        """What the C-MLM teacher's fine-tuning reads (and is keyed by): not the readings' settings."""
+        return CmlmSettings.model_validate({name: getattr(self, name) for name in CmlmSettings.model_fields})
 
 
 # The corpus sources by name; any other source is a local path.

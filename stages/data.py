@@ -206,14 +206,23 @@ def load_local(path: Path, task: TaskConfig) -> dict[str, pd.DataFrame]:
     return frames
 
 
+def hub_dataset(name: str) -> tuple[str, str | None]:
+    """A hub source as (dataset, configuration): ``glue/sst2`` (GLUE's configurations, as GLUE's own docs name
+    them), ``OWNER/NAME/CONFIG``, or any other name as it is."""
+    parts = name.split("/")
+    if parts[0] == "glue" and len(parts) == 2:
+        return "nyu-mll/glue", parts[1]
+    if len(parts) == 3:
+        return "/".join(parts[:2]), parts[2]
+    return name, None
+
+
 def load_hub(name: str) -> dict[str, pd.DataFrame]:
     import datasets
 
-    path, _, subset = name.partition("/")
-    if path == "glue":
-        path = "nyu-mll/glue"
+    path, subset = hub_dataset(name)
     try:
-        loaded = datasets.load_dataset(path, subset or None) if subset else datasets.load_dataset(name)
+        loaded = datasets.load_dataset(path, subset)
     except Exception as error:
         raise StageError(f"cannot load dataset {name!r} from the Hugging Face hub: {error}") from None
     return {split: loaded[split].to_pandas() for split in loaded}
@@ -275,16 +284,31 @@ def refuse_or_skip(task: TaskConfig, where: str, count: int, problems: dict[str,
     log.warning("%s: skipped %d row(s) that cannot be used: %s", where, count, detail)
 
 
+def pair_column(frame: pd.DataFrame, column: str) -> pd.Series | None:
+    """A text column, or with ``FIELD.KEY`` a key of a column of mappings (a translation dataset's
+    ``translation.de``); None when there is no such column."""
+    if column in frame.columns:
+        return frame[column]
+    field, _, key = column.partition(".")
+    if not key or field not in frame.columns:
+        return None
+    cells = frame[field].map(lambda cell: cell.get(key) if isinstance(cell, dict) else None)
+    return None if cells.isna().all() else cells
+
+
 def normalise_pairs(frame: pd.DataFrame, task: TaskConfig, split: str) -> tuple[pd.DataFrame, int]:
     """A seq2seq task's rows as ``source`` and ``target`` strings, stripped; rows with an empty source or target
     are refused, or skipped and counted."""
     where = origin(task, split)
-    missing = [c for c in (task.source_column, task.target_column) if c not in frame.columns]
+    columns = {name: pair_column(frame, column) for column, name in ((task.source_column, SOURCE),
+                                                                     (task.target_column, TARGET))}
+    missing = [column for column, name in ((task.source_column, SOURCE), (task.target_column, TARGET))
+               if columns[name] is None]
     if missing:
         raise StageError(f"{where} has no column(s) {missing}; it has {list(frame.columns)}")
     out = pd.DataFrame(index=frame.index)
-    for column, name in ((task.source_column, SOURCE), (task.target_column, TARGET)):
-        out[name] = frame[column].astype("string").str.strip()
+    for name, values in columns.items():
+        out[name] = values.astype("string").str.strip()
     empty = {name: (out[name].isna() | (out[name] == "")).to_numpy() for name in (SOURCE, TARGET)}
     bad = empty[SOURCE] | empty[TARGET]
     count = int(bad.sum())

@@ -182,13 +182,19 @@ def check_prepared_for(spec, inputs) -> None:
                          f"learns at T={temperature}; a search cannot vary the temperature of an ensemble student")
 
 
+def model_folder(artifact) -> Path:
+    """The model in a teacher or student artifact: a C-MLM teacher (a generation task's) keeps its masked LM in
+    ``model/``, every other one its model in ``student/``."""
+    return artifact.path / (MLM_DIR if artifact.stage == "cmlm_teacher" else STUDENT_DIR)
+
+
 def student_job(cfg, spec, inputs) -> tuple[dict[str, Any], Path]:
     """The training job of a student entry, and the Parquet it trains on (soft labels when the method uses them).
 
     The model the method starts from is the teacher's, or with a ``source`` input another student's (a FastBERT
     wrapping it; its own tokenizer comes along); a ``vocabulary`` input holds the student's own tokenizer."""
     check_prepared_for(spec, inputs)
-    teacher_dir = str(inputs["source" if "source" in inputs else "teacher"].path / STUDENT_DIR)
+    teacher_dir = str(model_folder(inputs["source" if "source" in inputs else "teacher"]))
     train_source, train_rows = train_corpus(inputs)
     job = train_job(
         method=spec.method, params=student_params(spec, inputs), shape=spec.student.model_dump(), settings=spec.train,
@@ -208,6 +214,8 @@ def layer_source(cfg, spec, inputs) -> str | None:
     if init_from == "teacher":
         return None
     if init_from == "pretrained":
+        if inputs["teacher"].stage == "cmlm_teacher":  # fine-tuned from teacher.source, which it does not copy
+            return resolve_model_source(cfg.teacher.source, field=f"{spec.name}: teacher.source")
         pretrained = inputs["teacher"].path / PRETRAINED_DIR
         if not pretrained.exists():
             raise StageError(f"{spec.name}: student.init_from: pretrained copies the checkpoint the teacher was "

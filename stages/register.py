@@ -35,7 +35,10 @@ class ServedTask:
     max_length: int
     regression: bool
     num_labels: int
-    kind: str = "classifier"  # or serving_model.ENCODER: a base encoder, text in and its embedding out
+    kind: str = "classifier"  # or serving_model.ENCODER (text in, embedding out), GENERATOR (text in, text out)
+    # A generator's decoding: ``max_length`` is then the source word pieces kept, as in training.
+    max_new_tokens: int | None = None
+    num_beams: int | None = None
 
     @classmethod
     def encoder(cls, max_length: int) -> ServedTask:
@@ -43,7 +46,14 @@ class ServedTask:
                    kind=serving_model.ENCODER)
 
     @classmethod
+    def generator(cls, max_source_length: int, max_new_tokens: int, num_beams: int) -> ServedTask:
+        return cls(labels=None, pair=False, max_length=max_source_length, regression=False, num_labels=0,
+                   kind=serving_model.GENERATOR, max_new_tokens=max_new_tokens, num_beams=num_beams)
+
+    @classmethod
     def of(cls, exp) -> ServedTask:
+        if exp.task.task_type == "seq2seq":
+            return cls.generator(exp.cmlm.max_source_length, exp.evaluate.max_new_tokens, exp.evaluate.num_beams)
         regression = exp.task.task_type == "regression"
         return cls(_labels(exp.task.labels), exp.task.is_pair, exp.teacher.max_length, regression, exp.task.num_labels)
 
@@ -51,13 +61,17 @@ class ServedTask:
     def from_params(cls, params: dict[str, str]) -> ServedTask:
         """From the params a pipeline run logs: its experiment flattened, each value as its ``str``."""
         try:
+            if params["task.task_type"] == "seq2seq":
+                return cls.generator(int(params["cmlm.max_source_length"]), int(params["evaluate.max_new_tokens"]),
+                                     int(params["evaluate.num_beams"]))
             labels = ast.literal_eval(params["task.labels"])
             regression = params["task.task_type"] == "regression"
             return cls(_labels(labels), len(ast.literal_eval(params["task.text_columns"])) == 2,
                        int(params["teacher.max_length"]), regression, 1 if regression else len(labels))
         except (KeyError, ValueError, SyntaxError) as error:
             raise StageError(f"the run's MLflow params do not describe its task ({error!r} in task.labels, "
-                             "task.text_columns, task.task_type, teacher.max_length)") from None
+                             "task.text_columns, task.task_type, teacher.max_length; for seq2seq "
+                             "cmlm.max_source_length, evaluate.max_new_tokens, evaluate.num_beams)") from None
 
 
 def _labels(labels: list | None) -> list | None:

@@ -1,6 +1,7 @@
 """A registered student as MLflow loads and serves it: raw text in, a label and the class probabilities out (a
 score for regression); or a registered encoder (a general distillation's, task.json ``kind: encoder``): raw text in,
-its sentence embedding out (the last hidden states, mean-pooled over the real tokens).
+its sentence embedding out (the last hidden states, mean-pooled over the real tokens); or a generation task's
+seq2seq student (``kind: generator``): source text in, generated text out, decoded as its evaluation decoded it.
 
 MLflow logs this file with the model ("models from code") and runs it wherever the model is loaded, so it imports
 only what the model's requirements list (torch, transformers, pandas, numpy, mlflow), never this repository. A
@@ -20,14 +21,15 @@ import pandas as pd
 import torch
 from mlflow.models.signature import ModelSignature
 from mlflow.types.schema import Array, ColSpec, Schema
-from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModel, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification, AutoTokenizer
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 STUDENT_ARTIFACT = "student"
 TASK_FILE = "task.json"
 TEXT, TEXT_PAIR = "text", "text_pair"
-LABEL, PROBABILITIES, SCORE, EMBEDDING = "label", "probabilities", "score", "embedding"
+LABEL, PROBABILITIES, SCORE, EMBEDDING, GENERATED = "label", "probabilities", "score", "embedding", "generated"
 ENCODER = "encoder"  # task.json's kind of a base encoder; a classifier's is "classifier"
+GENERATOR = "generator"  # a seq2seq student's
 # The inputs the pipeline's training and evaluation feed every student (kd.methods.base.MODEL_INPUTS).
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 BATCH_SIZE = 64
@@ -38,6 +40,8 @@ def signature(task: dict) -> ModelSignature:
     inputs = [ColSpec("string", TEXT)] + ([ColSpec("string", TEXT_PAIR)] if task["pair"] else [])
     if task.get("kind") == ENCODER:
         outputs = [ColSpec(Array("double"), EMBEDDING)]
+    elif task.get("kind") == GENERATOR:
+        outputs = [ColSpec("string", GENERATED)]
     elif task["regression"]:
         outputs = [ColSpec("double", SCORE)]
     else:
@@ -47,7 +51,8 @@ def signature(task: dict) -> ModelSignature:
 
 
 def input_example(task: dict) -> pd.DataFrame:
-    example = {TEXT: ["a gripping, beautifully acted film"]}
+    example = {TEXT: ["film : a gripping, beautifully acted film" if task.get("kind") == GENERATOR
+                      else "a gripping, beautifully acted film"]}
     if task["pair"]:
         example[TEXT_PAIR] = ["the film is worth seeing"]
     return pd.DataFrame(example)
@@ -65,6 +70,8 @@ class ServedModel(mlflow.pyfunc.PythonModel):
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         if self.task.get("kind") == ENCODER:
             self.model = AutoModel.from_pretrained(folder).eval()
+        elif self.task.get("kind") == GENERATOR:
+            self.model = AutoModelForSeq2SeqLM.from_pretrained(folder).eval()
         else:
             self.model = AutoModelForSequenceClassification.from_pretrained(
                 folder, num_labels=self.task["num_labels"]).eval()
@@ -99,8 +106,27 @@ class ServedModel(mlflow.pyfunc.PythonModel):
         restored[order] = logits
         return restored
 
+    def generated(self, sources: list[str]) -> list[str]:
+        """Each source's output, decoded as the evaluation decodes (``kd.generation.generate``): ``[CLS] source
+        [SEP]`` cut to ``max_source_length`` word pieces, beams from task.json, in length-sorted batches."""
+        encoded = self.tokenizer(sources, truncation=True, max_length=self.task["max_length"] + 2)["input_ids"]
+        order = np.argsort([len(ids) for ids in encoded], kind="stable")
+        outputs = [""] * len(sources)
+        with torch.inference_mode():
+            for start in range(0, len(order), BATCH_SIZE):
+                rows = order[start:start + BATCH_SIZE]
+                batch = self.tokenizer.pad({"input_ids": [encoded[i] for i in rows]}, return_tensors="pt")
+                ids = self.model.generate(**batch, max_new_tokens=self.task["max_new_tokens"],
+                                          num_beams=self.task["num_beams"], do_sample=False)
+                texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=True)
+                for row, text in zip(rows, texts):
+                    outputs[row] = text.strip()
+        return outputs
+
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         texts = model_input[TEXT].astype(str).tolist()
+        if self.task.get("kind") == GENERATOR:
+            return pd.DataFrame({GENERATED: self.generated(texts)})
         pairs = model_input[TEXT_PAIR].astype(str).tolist() if self.task["pair"] else None
         logits = self.logits(texts, pairs)
         if self.task.get("kind") == ENCODER:

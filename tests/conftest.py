@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
@@ -18,6 +20,18 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 needs_apt = pytest.mark.skipif(shutil.which("apt-get") is None, reason="needs apt-get to download wordnet-base")
 
 WORDS = "the a movie film good bad great awful plot actor is was not very fun dull".split()
+
+
+def reversed_pairs(count: int, seed: int) -> pd.DataFrame:
+    """Synthetic seq2seq pairs over WORDS with something to learn: the target is 'the' and the source's words
+    reversed, 2 to 9 words (so some are longer than a short max_target_length and get cut)."""
+    rng = random.Random(seed)
+    content = [word for word in WORDS if word not in ("the", "a")]
+    rows = []
+    for _ in range(count):
+        words = rng.sample(content, rng.randint(1, 8))
+        rows.append((" ".join(words), " ".join(["the", *reversed(words)])))
+    return pd.DataFrame(rows, columns=["source", "target"], dtype="string")
 
 
 def tiny_bert_config(**overrides) -> BertConfig:

@@ -3,7 +3,6 @@ inner function, without Ray), the top-k actor (called as Ray Data would call it)
 the shared local Ray, whose Parquet must line up with ``kd.cmlm.student_batch`` and equal ``soft_targets``
 computed here. Tiny random BERTs over conftest's 16-word vocabulary."""
 
-import random
 from types import SimpleNamespace
 
 import numpy as np
@@ -25,24 +24,12 @@ from stages.cmlm_teacher import CmlmSettings, check_pair_length, train_cmlm_teac
 from stages.cmlm_topk import CMLM_TOPK_IDS, CMLM_TOPK_PROBS, CmlmTopKPredictor
 from stages.config import LabelConfig, RayConfig, TeacherConfig
 
-from conftest import WORDS, tiny_bert_config
+from conftest import reversed_pairs, tiny_bert_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 SOURCE_LENGTH, TARGET_LENGTH = 8, 6
 K, ROUNDS, TEMPERATURE = 4, 2, 1.5
-
-
-def pairs(count: int, seed: int) -> pd.DataFrame:
-    """Synthetic pairs with something to learn: the target is 'the' and the source's words reversed. Targets run
-    from 2 to 9 words, so some are longer than TARGET_LENGTH and get cut."""
-    rng = random.Random(seed)
-    content = [word for word in WORDS if word not in ("the", "a")]
-    rows = []
-    for _ in range(count):
-        words = rng.sample(content, rng.randint(1, 8))
-        rows.append((" ".join(words), " ".join(["the", *reversed(words)])))
-    return pd.DataFrame(rows, columns=["source", "target"], dtype="string")
 
 
 @pytest.fixture
@@ -51,7 +38,7 @@ def data_dir(tmp_path):
     folder = tmp_path / "data"
     folder.mkdir()
     for split, count, seed in (("train", 40, 0), ("dev", 16, 1), ("test", 16, 2)):
-        frame = pairs(count, seed)
+        frame = reversed_pairs(count, seed)
         if split == "train":
             frame["pair_id"] = np.arange(count)  # an extra column the top-k stage must carry along
         frame.to_parquet(folder / f"{split}.parquet", index=False)
@@ -162,7 +149,7 @@ def test_settings_and_lengths_are_checked(masked_lm_dir):
 
 
 def test_topk_actor_aligns_with_the_student_labels(peaked_teacher_dir, tiny_tokenizer):
-    frame = pd.concat([pairs(12, 5), pd.DataFrame({"source": ["a film"], "target": [""]})], ignore_index=True)
+    frame = pd.concat([reversed_pairs(12, 5), pd.DataFrame({"source": ["a film"], "target": [""]})], ignore_index=True)
     frame["pair_id"] = np.arange(len(frame))
     predictor = CmlmTopKPredictor(peaked_teacher_dir, SOURCE_LENGTH, TARGET_LENGTH, K, ROUNDS, TEMPERATURE, threads=1)
     out = predictor(pa.Table.from_pandas(frame, preserve_index=False))

@@ -90,6 +90,8 @@ class Method(ABC):
     # Its student is built by kd.students.build_student, so it copies its layers from student.init_from and takes
     # student.embedding_size; False: the method builds a student of its own kind, and neither applies.
     copies_layers: ClassVar[bool] = True
+    # What student.init_from may name for a method that builds its own kind of student (copies_layers False).
+    own_kind_init_from: ClassVar[frozenset[str]] = frozenset({"teacher"})
     # The architecture its students belong to. The report compares a student only with baselines of its family
     # and shape: a BiLSTM is not measured against a 3-layer transformer that happens to share its numbers.
     family: ClassVar[str] = "transformer"

@@ -70,6 +70,9 @@ class Seq2SeqMethod(Method):
     task_types = frozenset({SEQ2SEQ})
     family = SEQ2SEQ
     copies_layers = False
+    # The encoder copies the C-MLM teacher's first blocks, or (pretrained) those of the checkpoint it was fine-tuned
+    # from: the baseline a user would train without a teacher (stages.distill.layer_source).
+    own_kind_init_from = frozenset({"teacher", "pretrained"})
     bert_student = False
     # The encoder copies the teacher's first blocks (kd.models.seq2seq): the "bottom" strategy.
     default_init = "bottom"
@@ -84,6 +87,11 @@ class Seq2SeqMethod(Method):
         if init not in (None, "bottom", "random"):
             problems.append(f"{where}.student.init: a seq2seq student's encoder starts from the teacher's first "
                             f"layers (leave init out, or bottom) or at random (random), not {init!r}")
+        for length in ("max_source_length", "max_target_length"):
+            ours, shared = getattr(spec.params, length), getattr(experiment.cmlm, length)
+            if ours != shared:
+                problems.append(f"{where}.params.{length}: {ours}, but cmlm.{length} is {shared}; the student must "
+                                "cut pairs as the C-MLM stages do (leave it out of params, or set both alike)")
         return problems
 
     def load_model(self, source, num_labels, attentions=False) -> PreTrainedModel:
@@ -182,11 +190,16 @@ class Cmlm(Seq2SeqMethod):
     def topk(self) -> int:
         return self.params.k
 
-    def topk_settings(self) -> dict:
-        """What the ``cmlm_topk`` stage this student trains on must have been run with."""
-        p = self.params
-        return {"k": p.k, "temperature": p.temperature, "max_source_length": p.max_source_length,
-                "max_target_length": p.max_target_length}
+    def problems(self, where, spec, experiment):
+        problems = super().problems(where, spec, experiment)
+        readings = experiment.cmlm
+        if spec.params.k > readings.k:
+            problems.append(f"{where}.params.k: {spec.params.k}, but the cmlm_topk stage keeps cmlm.k = {readings.k} "
+                            "ids per target token; raise cmlm.k or lower k")
+        if spec.params.temperature != readings.temperature:
+            problems.append(f"{where}.params.temperature: {spec.params.temperature:g}, but the teacher is read at "
+                            f"cmlm.temperature = {readings.temperature:g}; the KD term needs the same T on both sides")
+        return problems
 
     def loss(self, student_out, teacher_out, batch, auxiliary, phase):
         missing = [key for key in (TOPK_IDS, TOPK_PROBS) if key not in batch]
