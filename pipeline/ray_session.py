@@ -97,6 +97,28 @@ def ensure_ray(ray_cfg, log_to_driver: bool = True) -> None:
         raise StageError(f"cannot {where}: {type(error).__name__}: {error}") from None
 
 
+class RayDataConsoleFilter(logging.Filter):
+    """What of Ray Data's own logging reaches the terminal of a run without ``-v``: its warnings and errors, less
+    the warning that the cluster has no free CPU. That one fires whenever a small read (a row count) starts while
+    the run's other stages hold every CPU, which the stage scheduler allows on purpose; the read waits its turn."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING and "does not have any available CPUs" not in record.getMessage()
+
+
+def quiet_ray_data_console() -> None:
+    """Keep Ray Data's INFO lines (each execution's plan, and on a terminal without progress bars its per-operator
+    progress every few seconds: hundreds of lines per stage) in its log file, ``ray-data.log`` in the session's logs
+    (``WORKDIR/logs/ray``), and off the terminal, where the stage table says what runs. Its file handler keeps
+    everything."""
+    import ray.data  # noqa: F401  (configures the ray.data logger and its handlers on import)
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler) and not any(
+                isinstance(existing, RayDataConsoleFilter) for existing in handler.filters):
+            handler.addFilter(RayDataConsoleFilter())
+
+
 def link_worker_logs(workdir: Path) -> Path | None:
     """``WORKDIR/logs/ray``: a link to this Ray session's log folder (every worker's output), or None on a Ray
     client connection, whose logs stay on the cluster."""
