@@ -172,35 +172,51 @@ def paired_bootstrap(system_a: Sequence[str], system_b: Sequence[str], reference
 
 
 @torch.no_grad()
-def generation_latency(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sources: Sequence[str],
-                       batch_size: int = 32, max_source_length: int = 64, max_new_tokens: int = 64,
-                       warmup: int = 2, repeats: int = 5, threads: int | None = None) -> dict:
+def generation_latencies(models: Sequence[PreTrainedModel], tokenizers: Sequence[PreTrainedTokenizerBase],
+                         sources: Sequence[str], batch_size: int = 32, max_source_length: int = 64,
+                         max_new_tokens: int = 64, warmup: int = 2, repeats: int = 5,
+                         threads: int | None = None) -> list[dict]:
     """Wall time of greedy generation for one batch, the first ``batch_size`` of ``sources`` (already encoded:
-    tokenisation and decoding are not timed), on the model's device with torch threads pinned
-    (``threads``, None: all cores) as ``kd.evaluation.measure_latency`` pins them: the median of ``repeats``
-    runs after ``warmup``. Generation stops when every row has ended, so the time depends on how long the
-    model's outputs are: ``new_tokens`` is the number of decoding steps the batch took."""
+    tokenisation and decoding are not timed), per model, the models taken in turn within every repeat
+    (``kd.evaluation.measure_latencies`` says why: a burst of other work then costs every model a sample, not one
+    model its whole run), on each model's device with torch threads pinned (``threads``, None: all cores); the
+    median of ``repeats`` runs after ``warmup``. Generation stops when every row has ended, so the time depends on
+    how long the model's outputs are: ``new_tokens`` is the number of decoding steps the batch took."""
     if not sources:
         raise ValueError("no sources to time")
-    inputs = encode_sources(tokenizer, list(sources[:batch_size]), max_source_length)
-    inputs = {key: value.to(model.device) for key, value in inputs.items()}
-    model.eval()
+    inputs = []
+    for model, tokenizer in zip(models, tokenizers, strict=True):
+        encoded = encode_sources(tokenizer, list(sources[:batch_size]), max_source_length)
+        inputs.append({key: value.to(model.device) for key, value in encoded.items()})
+        model.eval()
     previous = torch.get_num_threads()
     torch.set_num_threads(threads or os.cpu_count() or 1)
-    timings = []
+    timings: list[list[float]] = [[] for _ in models]
+    steps = [0] * len(models)
     try:
         for run in range(warmup + repeats):
-            if model.device.type == "cuda":
-                torch.cuda.synchronize(model.device)
-            start = time.perf_counter()
-            ids = model.generate(**inputs, max_new_tokens=max_new_tokens, num_beams=1, do_sample=False)
-            if model.device.type == "cuda":
-                torch.cuda.synchronize(model.device)
-            if run >= warmup:
-                timings.append(time.perf_counter() - start)
+            for index, (model, model_inputs) in enumerate(zip(models, inputs)):
+                if model.device.type == "cuda":
+                    torch.cuda.synchronize(model.device)
+                start = time.perf_counter()
+                ids = model.generate(**model_inputs, max_new_tokens=max_new_tokens, num_beams=1, do_sample=False)
+                if model.device.type == "cuda":
+                    torch.cuda.synchronize(model.device)
+                if run >= warmup:
+                    timings[index].append(time.perf_counter() - start)
+                steps[index] = int(ids.shape[1]) - 1
     finally:
         torch.set_num_threads(previous)
-    rows = int(inputs["input_ids"].shape[0])
-    median = float(np.median(timings))
-    return {"sentences_per_second": rows / median, "ms_per_batch": 1000 * median, "batch_size": rows,
-            "new_tokens": int(ids.shape[1]) - 1}
+    results = []
+    for model_inputs, model_timings, new_tokens in zip(inputs, timings, steps):
+        rows = int(model_inputs["input_ids"].shape[0])
+        median = float(np.median(model_timings))
+        results.append({"sentences_per_second": rows / median, "ms_per_batch": 1000 * median, "batch_size": rows,
+                        "new_tokens": new_tokens})
+    return results
+
+
+def generation_latency(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sources: Sequence[str],
+                       **settings) -> dict:
+    """``generation_latencies`` of one model."""
+    return generation_latencies([model], [tokenizer], sources, **settings)[0]

@@ -64,10 +64,13 @@ def find_baseline(name: str, students: Mapping[str, GenerationStudentSummary]) -
     return max(candidates, key=lambda other: students[other].dev["bleu"]) if candidates else None
 
 
-def build_generation_summary(exp, evaluations: dict, distills: dict, prepared: dict,
-                             train_rows: dict[str, int]) -> GenerationSummary:
+def build_generation_summary(exp, evaluations: dict, distills: dict, prepared: dict, train_rows: dict[str, int],
+                             timings: dict[str, dict] | None = None) -> GenerationSummary:
     """``evaluations`` and ``distills``: stage artifacts by student name; ``prepared``: the shared stages' artifacts
-    (``teacher`` is the C-MLM teacher); ``train_rows``: the pairs each student trained on."""
+    (``teacher`` is the C-MLM teacher); ``train_rows``: the pairs each student trained on; ``timings``: generation
+    speeds taken together (``stages.evaluate_generation.time_generators``) by name, which replace each evaluation's
+    own."""
+    timings = timings or {}
     teacher_result = prepared["teacher"].result()
     teacher_dir = prepared["teacher"].path / MLM_DIR
     teacher = CmlmTeacherSummary(source=exp.teacher.source, params=_parameters(teacher_dir),
@@ -92,8 +95,8 @@ def build_generation_summary(exp, evaluations: dict, distills: dict, prepared: d
             init=method.shape(spec.student, teacher_config).init, init_from=spec.student.init_from,
             selected_epoch=trained.get("selected_epoch"),
             dev=result["dev"], test=result["test"], params=result["params"], size_bytes=result["size_bytes"],
-            sentences_per_second=result["latency"]["sentences_per_second"],
-            ms_per_batch=result["latency"]["ms_per_batch"], epochs=len(epochs),
+            sentences_per_second=timings.get(spec.name, result["latency"])["sentences_per_second"],
+            ms_per_batch=timings.get(spec.name, result["latency"])["ms_per_batch"], epochs=len(epochs),
             epoch_seconds=float(np.mean([h["epoch_seconds"] for h in epochs])) if epochs else None,
             train_rows=train_rows[spec.name], evaluate_dir=evaluations[spec.name].path)
     references = pd.read_parquet(prepared["data"].path / "test.parquet", columns=[TARGET])[TARGET].astype(str).tolist()
@@ -242,7 +245,8 @@ def write_generation_report(workdir: Path, summaries: Sequence[GenerationSummary
              "- The gain is the student's test BLEU − that of the baseline of its shape (`nll`: the same student "
              "on gold targets alone), per seed then averaged; *within noise* when |mean gain| is below the two "
              "BLEUs' seed-to-seed standard deviations combined.",
-             "- Sentences per second: greedy generation of one test batch, timed by each student's evaluation.", "",
+             "- Sentences per second: greedy generation of one test batch, every student timed together, in turn within "
+             "each repeat, when the run finished.", "",
              *_bootstrap_section(summaries), *_seed_section(summaries),
              f"![Test BLEU per student]({SCORES_FILE})", ""]
     markdown = workdir / REPORT_FILE

@@ -366,12 +366,15 @@ class PipelineRunner:
                 {"data": refs["data"], "cmlm_teacher": refs["teacher"]}, params=readings))
         return refs
 
+    def generation_evaluation(self) -> evaluate_generation.Config:
+        return evaluate_generation.Config.of(self.exp.evaluate, max_source_length=self.exp.cmlm.max_source_length)
+
     def plan_evaluation(self, spec, distill_ref: str, refs: dict[str, str], suffix: str) -> str:
         exp = self.exp
         if self.generates:
             return self.add(StageNode(
                 f"evaluate {spec.name}{suffix}", "evaluate_generation", evaluate_generation.run,
-                evaluate_generation.Config.of(exp.evaluate, max_source_length=exp.cmlm.max_source_length),
+                self.generation_evaluation(),
                 {"model": distill_ref, "data": refs["data"]}))
         sweeps = exp.evaluate.exit_speeds if get_method(spec.method).exits_early else []
         return self.add(StageNode(
@@ -639,7 +642,9 @@ class PipelineRunner:
             inputs = {name: self.done[ref] for name, ref in self.nodes[distill_node].inputs.items()}
             train_rows[student_name] = distill.train_corpus(inputs)[1]
         if self.generates:
-            return build_generation_summary(self.exp, evaluations, distills, prepared, train_rows)
+            timings = self.time_generators({name: art.path for name, art in distills.items()},
+                                           prepared["data"].path)
+            return build_generation_summary(self.exp, evaluations, distills, prepared, train_rows, timings)
         model_dirs = {"teacher": prepared["teacher"].path, **{name: art.path for name, art in distills.items()}}
         timings = self.time_models(model_dirs, prepared["data"].path)
         return build_summary(self.exp, evaluations, distills, prepared, train_rows, timings)
@@ -653,6 +658,17 @@ class PipelineRunner:
             timings = ray.get(self.evaluator().time_models.remote(
                 [str(model_dirs[name] / STUDENT_DIR) for name in names], str(data_dir),
                 evaluate.Config.of(self.exp, teacher=without_mlm(self.exp.teacher)), early_exit=True))
+        return dict(zip(names, timings, strict=True))
+
+    def time_generators(self, model_dirs: dict[str, Path], data_dir: Path) -> dict[str, dict]:
+        """A generation task's students, their generation timed now and together, as ``time_models`` times
+        classifiers."""
+        names = list(model_dirs)
+        settings = self.generation_evaluation().model_dump()
+        task = ray.remote(num_cpus=1)(evaluate_generation.time_generators)
+        with self.console.status(f"[bold]timing {len(names)} students together[/bold] …"):
+            timings = ray.get(task.remote([str(model_dirs[name] / STUDENT_DIR) for name in names], str(data_dir),
+                                          settings))
         return dict(zip(names, timings, strict=True))
 
     def _run_stages(self) -> dict:

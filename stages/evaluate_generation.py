@@ -19,7 +19,7 @@ from transformers import AutoModelForSeq2SeqLM
 
 from kd.checkpoints import load_tokenizer
 from kd.evaluation import size_on_disk
-from kd.generation import generate, generation_latency, round_trip, text_scores
+from kd.generation import generate, generation_latencies, generation_latency, round_trip, text_scores
 from kd.layout import STUDENT_DIR
 from kd.students import count_parameters
 from stages.cmlm_teacher import read_pairs
@@ -93,6 +93,19 @@ def evaluate_generation(model_dir: str, data_dir: str, out_dir: str, settings: d
     result.update(params=count_parameters(model), size_bytes=size_on_disk(model.save_pretrained), latency=latency,
                   num_beams=cfg.num_beams, lowercase=lowercase, seconds=round(time.perf_counter() - started, 2))
     return result
+
+
+def time_generators(model_dirs: list[str], data_dir: str, settings: dict) -> list[dict]:
+    """Greedy generation speed of each saved student, all timed together (``kd.generation.generation_latencies``,
+    interleaved), so that two students' speeds can be compared: each evaluation timed its student alone, under
+    whatever else the machine was doing then."""
+    cfg = Config.model_validate(settings)
+    models = [AutoModelForSeq2SeqLM.from_pretrained(model_dir).eval() for model_dir in model_dirs]
+    tokenizers = [load_tokenizer(model_dir) for model_dir in model_dirs]
+    sources, _ = read_pairs(Path(data_dir), "test")
+    return generation_latencies(models, tokenizers, sources, batch_size=cfg.latency_batch_size,
+                                max_source_length=cfg.max_source_length, max_new_tokens=cfg.max_new_tokens,
+                                repeats=cfg.latency_repeats, threads=cfg.threads)
 
 
 def run(cfg: Config, inputs, ctx, out: Path) -> dict:

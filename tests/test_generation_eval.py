@@ -2,6 +2,7 @@
 latency, and the evaluation stage's inner function (without Ray) and ``run`` through the shared local Ray. Tiny
 random BART students over conftest's 16-word vocabulary."""
 
+import copy
 from types import SimpleNamespace
 
 import numpy as np
@@ -13,8 +14,8 @@ from rouge_score import rouge_scorer
 from transformers import BertForSequenceClassification
 
 from kd.cmlm import student_batch
-from kd.generation import (bleu_from_statistics, encode_sources, generate, generation_latency, paired_bootstrap,
-                           round_trip, sentence_statistics, text_scores)
+from kd.generation import (bleu_from_statistics, encode_sources, generate, generation_latencies, generation_latency,
+                           paired_bootstrap, round_trip, sentence_statistics, text_scores)
 from kd.layout import STUDENT_DIR
 from kd.models.seq2seq import Seq2SeqShape, build_seq2seq_student
 from stages import evaluate_generation
@@ -201,6 +202,23 @@ def test_generation_latency_reports_a_batch(student, tiny_tokenizer):
     assert 1 <= latency["new_tokens"] <= 4
     assert latency["ms_per_batch"] > 0
     assert latency["sentences_per_second"] == pytest.approx(32 / (latency["ms_per_batch"] / 1000))
+
+
+def test_students_timed_together_get_a_speed_each_from_interleaved_runs(student, tiny_tokenizer, monkeypatch):
+    calls = []
+    original = type(student).generate
+
+    def recorded(model, *args, **kwargs):
+        calls.append(model.tag)
+        return original(model, *args, **kwargs)
+
+    other = copy.deepcopy(student)
+    student.tag, other.tag = "a", "b"
+    monkeypatch.setattr(type(student), "generate", recorded)
+    speeds = generation_latencies([student, other], [tiny_tokenizer] * 2, SOURCES, batch_size=4, max_new_tokens=3,
+                                  warmup=1, repeats=2, threads=1)
+    assert calls == ["a", "b"] * 3  # in turn within every repeat, not one model's runs back to back
+    assert [speed["batch_size"] for speed in speeds] == [4, 4] and all(s["ms_per_batch"] > 0 for s in speeds)
 
 
 def test_round_trip_is_what_a_perfect_student_writes(tiny_tokenizer):
