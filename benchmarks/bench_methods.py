@@ -2,8 +2,8 @@
 
 The pipeline runs as a subprocess exactly as a user would run it (its own output streams through). Afterwards
 the per-seed summaries in the workdir are read back (``pipeline.summary.load_summaries``), the report table
-(``pipeline.report.report_table``: mean ± std over seeds, gain over ``finetune``, within-noise flags) is
-printed, and the run's ``report.md`` is copied next to this benchmark's JSON. Stages already in the workdir's
+(``pipeline.summary.workdir_table``: mean ± std over seeds, gain over the baseline of each student's shape,
+within-noise flags; BLEU for a generation task) is printed, and the run's ``report.md`` is copied next to this benchmark's JSON. Stages already in the workdir's
 cache are not recomputed, so the wall time is only a training cost on a fresh workdir.
 """
 
@@ -53,7 +53,7 @@ def quick_overrides(config: str) -> list[str]:
     from pipeline.config import load_experiment
 
     exp = load_experiment(config)
-    overrides = ["task.max_rows=200", "teacher.train.epochs=1", "augment.copies=1"]
+    overrides = ["task.max_rows=200", "teacher.train.epochs=1", "augment.copies=1", "cmlm.steps=10"]
     if exp.teacher.mlm is not None:
         overrides.append("teacher.mlm.steps=10")
     for spec in exp.students:
@@ -83,8 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     machine = machine_info()
 
     from pipeline.config import load_experiment
-    from pipeline.report import report_table
-    from pipeline.summary import load_summaries
+    from pipeline.summary import load_summaries, workdir_table
 
     command = [sys.executable, "-m", "pipeline", "run", args.config, "--seeds", str(args.seeds),
                *(part for override in args.overrides for part in ("--set", override))]
@@ -101,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     workdir = load_experiment(args.config, args.overrides, args.workdir).workdir
     summaries = load_summaries(workdir)
-    console.print(report_table(summaries))
+    console.print(workdir_table(summaries))
     report_copy = copy_report(workdir, result_path(args.name, args.quick, ".md"))
     results = {"pipeline_command": command, "wall_s": seconds, "workdir": str(workdir),
                "report": report_copy.name, "summaries": [summary.model_dump(mode="json") for summary in summaries]}

@@ -136,9 +136,10 @@ class Experiment(Strict):
                                 "teacher.mlm")
             if entry.corpus.source == "augmented" and self.task.task_type == "regression":
                 problems.append(f"{where}: corpus.source: augmented needs a classification task")
-            if entry.corpus.source in ("task", "augmented") and self.task.task_type == "seq2seq":
-                problems.append(f"{where}: corpus.source: {entry.corpus.source} reads a classification task's text; "
-                                "a seq2seq task's students build their own encoder (use wordnet, a file or hub:)")
+            if self.task.task_type == "seq2seq":
+                problems.append(f"{where}: a generation task's students start from the C-MLM teacher's or the "
+                                "pre-trained checkpoint's layers, never from a general distillation; remove it, or "
+                                "run it in an experiment of its own")
         names = {entry.name: entry for entry in self.general}
         for index, spec in enumerate(self.students):
             source = spec.student.general_source

@@ -98,6 +98,27 @@ def test_a_generation_task_runs_end_to_end_with_bleu_a_bootstrap_and_a_text_to_t
     assert served == evaluated
 
 
+@pytest.mark.ray
+@pytest.mark.e2e
+def test_a_search_of_a_generation_method_times_its_trials_and_registers_a_generator(ray_session, generation_inputs):
+    from pipeline.search import run_tune
+
+    folder, pairs_file, teacher_dir = generation_inputs
+    searched = load_experiment(CONFIG, [*overrides(pairs_file, teacher_dir), "tune={samples: 2, scheduler: fifo}",
+                                        "students.cmlm_1L.train.epochs=1", "tune.registry_name=tiny-cmlm-search"],
+                               workdir=folder / "work")
+    outcome = run_tune(searched, "cmlm", console=Console(width=160))
+    records = outcome["records"]
+    assert len(records) == 2 and all(r["dev_token_accuracy"] is not None for r in records)
+    assert all(r["sentences_per_second"] > 0 and "speedup" not in r for r in records)
+    best = outcome["best"]
+    assert 0 <= best["test"]["bleu"] <= 100 and best["test"]["sentences"] == 20
+    tags = mlflow.MlflowClient().get_model_version("tiny-cmlm-search", str(outcome["registered"]["version"])).tags
+    assert tags["method"] == "cmlm" and "test_bleu" in tags and float(tags["sentences_per_second"]) > 0
+    model = mlflow.pyfunc.load_model("models:/tiny-cmlm-search@candidate")
+    assert len(model.predict(pd.DataFrame({TEXT: ["film good"]}))[GENERATED]) == 1
+
+
 def test_a_generation_experiment_validates_against_its_cmlm_section(generation_inputs):
     folder, pairs_file, teacher_dir = generation_inputs
     assert load_experiment(CONFIG, overrides(pairs_file, teacher_dir)).cmlm.k == 4
@@ -113,6 +134,8 @@ def test_a_generation_experiment_validates_against_its_cmlm_section(generation_i
         load_experiment(CONFIG, ["students.nll_2L.student.init_from=general:x"])
     assert "nll builds a student of its own kind, which takes no student.embedding_size and student.init_from " \
            "pretrained or teacher only" in str(error.value)
+    with pytest.raises(ConfigError, match=r"general\[0\] \(g\): a generation task's students start from"):
+        load_experiment(CONFIG, ["general=[{name: g, student: {layers: 2}}]"])
 
 
 def test_the_paper_setting_validates_and_reads_a_translation_column():
