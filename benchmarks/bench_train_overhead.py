@@ -1,4 +1,4 @@
-"""Ray Train overhead: one student's training loop in a TorchTrainer (RayTrainIO, one worker) against the same
+"""Ray Train overhead: one student's training loop in a TorchTrainer (ShardIO, one worker) against the same
 loop in this process (LocalIO).
 
 Both run ``train_student`` on the same job dict and the same Parquet rows (with cached teacher logits, as the
@@ -60,8 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def timed_loop(log_path: str, make_io: Callable) -> Callable[[dict], object]:
-    """A train loop that runs ``train_student(job, make_io())`` with the TrainIO wrapped in a recorder of
+def timed_loop(log_path: str, make_io: Callable[[dict], object]) -> Callable[[dict], object]:
+    """A train loop that runs ``train_student(job, make_io(job))`` with the TrainIO wrapped in a recorder of
     wall-clock events. Built inside a function so that Ray pickles it, and the wrapper class, by value."""
     from kd.worker import train_student
 
@@ -73,9 +73,9 @@ def timed_loop(log_path: str, make_io: Callable) -> Callable[[dict], object]:
         def __init__(self, io):
             self.io, self.rank, self.world = io, io.rank, io.world
 
-        def epoch_chunks(self, rows_per_chunk):
+        def epoch_chunks(self, rows_per_chunk, seed):
             def marked():
-                for index, chunk in enumerate(self.io.epoch_chunks(rows_per_chunk)):
+                for index, chunk in enumerate(self.io.epoch_chunks(rows_per_chunk, seed)):
                     if index == 0:
                         log("first_rows")
                     yield chunk
@@ -105,7 +105,7 @@ def timed_loop(log_path: str, make_io: Callable) -> Callable[[dict], object]:
 
     def loop(job: dict):
         log("entry")
-        return train_student(job, TimedIO(make_io()), verbose=False)
+        return train_student(job, TimedIO(make_io(job)), verbose=False)
 
     return loop
 
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
     from stages import distill
     from stages.models import resolve_model_source
     from kd.worker import LocalIO, train_job
-    from stages.distill import RayTrainIO
+    from stages.distill import DEV_PATH, ShardIO
 
     model_dir = resolve_model_source(args.teacher)
     settings = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         console.print("bare process (LocalIO)")
         log_path = scratch / "local.jsonl"
-        loop = timed_loop(str(log_path), lambda: LocalIO(train_path, dev_path))
+        loop = timed_loop(str(log_path), lambda job: LocalIO(train_path, dev_path))
         called = time.time()
         distiller = loop(job)
         results["local"] = timeline(called, time.time(), log_path, distiller.progress.history)
@@ -177,12 +177,13 @@ def main(argv: list[str] | None = None) -> dict:
         started = time.perf_counter()
         ensure_ray(RayConfig(address="local"))
         results["ray_init_s"] = time.perf_counter() - started
-        console.print("Ray Train (TorchTrainer, RayTrainIO, 1 worker)")
+        console.print("Ray Train (TorchTrainer, ShardIO, 1 worker)")
         ray_cfg = RayConfig(address="local", num_workers=1, cpus_per_worker=args.cpus_per_worker,
                             torch_threads=args.threads, storage_path=str(scratch / "ray"))
         cfg = RunPlace(name="bench_train_overhead", workdir=scratch, ray=ray_cfg)
         log_path = scratch / "ray.jsonl"
-        with mock.patch.object(distill, "train_loop_per_worker", timed_loop(str(log_path), RayTrainIO)):
+        make_io = lambda job: ShardIO(job["train_path"], job[DEV_PATH])  # noqa: E731  (pickled by value with the loop)
+        with mock.patch.object(distill, "train_loop_per_worker", timed_loop(str(log_path), make_io)):
             called = time.time()
             outcome = distill.fit(cfg, job, train_path, dev_path, f"bench-{uuid.uuid4().hex[:8]}", scratch / "out")
         results["ray"] = timeline(called, time.time(), log_path, outcome["history"])

@@ -2,8 +2,8 @@
 all execute.
 
 The run talks to its surroundings through ``TrainIO``: where training rows and dev rows come from, where a restart
-resumes from, and where metrics and checkpoints go. ``stages.distill.RayTrainIO`` reads the worker's dataset shard
-and reports to Ray Train; ``LocalIO`` reads Parquet in the current process.
+resumes from, and where metrics and checkpoints go. ``stages.distill.ShardIO`` reads the worker's share of the
+Parquet and reports to Ray Train; ``LocalIO`` reads Parquet in the current process.
 """
 
 from __future__ import annotations
@@ -54,7 +54,29 @@ def shuffled_chunks(frame: pd.DataFrame, rows_per_chunk: int, seed: int) -> Iter
     return iterate_frame(frame.iloc[np.random.default_rng(seed).permutation(len(frame))], rows_per_chunk)
 
 
-class LocalIO:
+class FrameData:
+    """A worker's data held as pandas frames: its share of the train split (``train``), reshuffled by each epoch's
+    seed, and the whole dev split (``dev``)."""
+
+    train: pd.DataFrame
+    dev: pd.DataFrame
+
+    def read(self, train_path: str | Path, dev_path: str | Path, rank: int = 0, world: int = 1) -> None:
+        """Read both Parquet files once. With ``world`` workers this one keeps rows rank, rank + world, …, as many as
+        every other worker keeps (the remainder is dropped): data-parallel workers step in lockstep, so each must
+        have as many batches."""
+        train = pd.read_parquet(train_path)
+        self.train = train.iloc[rank::world].iloc[: len(train) // world] if world > 1 else train
+        self.dev = pd.read_parquet(dev_path)
+
+    def epoch_chunks(self, rows_per_chunk: int, seed: int) -> Iterator[Rows]:
+        return shuffled_chunks(self.train, rows_per_chunk, seed)
+
+    def dev_rows(self, batch_size: int) -> Iterator[Rows]:
+        return iterate_frame(self.dev, batch_size)
+
+
+class LocalIO(FrameData):
     """In this process: Parquet read with pandas, shuffled per epoch; reports go to a callback."""
 
     rank, world = 0, 1
@@ -62,16 +84,9 @@ class LocalIO:
     def __init__(self, train_path: Path, dev_path: Path,
                  report: Callable[[dict, Path | None], None] = lambda metrics, directory: None,
                  resume_from: Callable[[], ContextManager[Path | None]] = lambda: nullcontext(None)):
-        self.train = pd.read_parquet(train_path)
-        self.dev = pd.read_parquet(dev_path)
+        self.read(train_path, dev_path)
         self._report = report
         self._resume_from = resume_from
-
-    def epoch_chunks(self, rows_per_chunk: int, seed: int) -> Iterator[Rows]:
-        return shuffled_chunks(self.train, rows_per_chunk, seed)
-
-    def dev_rows(self, batch_size: int) -> Iterator[Rows]:
-        return iterate_frame(self.dev, batch_size)
 
     def restore(self) -> ContextManager[Path | None]:
         return self._resume_from()

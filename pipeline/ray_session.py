@@ -15,7 +15,10 @@ from kd.errors import StageError
 
 
 # Workers iterate small datasets every epoch; their progress bars would drown the driver's display.
-WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+              # Ray Train's controller learns that a worker's loop has ended by polling, every 2 s by default; each
+              # student's end waited for it. A poll is a few actor calls.
+              "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 RAY_CLIENT_SCHEME = "ray://"
 # Ray starts its workers at niceness 15 and its driver, raylet and dashboard at 0. Every forward and training step
 # runs in a worker, so on a machine with few cores each tick of those daemons preempts one of torch's threads and

@@ -43,11 +43,14 @@ def _final_phase_epochs(spec) -> int:
     return final.epochs if final.epochs is not None else spec.train.epochs
 
 
-def trial(config: dict[str, Any], *, exp_document: dict, base_student: dict, inputs: dict[str, str], mode: str) -> None:
-    """One Tune trial: the sampled values written into the base student, then trained and reported per epoch."""
+def trial(config: dict[str, Any], *, exp_document: dict, base_student: dict, inputs: dict[str, list[str]],
+          mode: str) -> None:
+    """One Tune trial: the sampled values written into the base student, then trained and reported per epoch.
+    ``inputs``: the student's stage inputs as [stage, key, path] (the stage says how to read one: a C-MLM teacher
+    keeps its model elsewhere than a classifier teacher)."""
     exp = Experiment.model_validate(exp_document)
     spec = TypeAdapter(StudentSpec).validate_python(apply_sample(base_student, config))
-    artifacts = {name: Artifact(name, "", Path(path)) for name, path in inputs.items()}
+    artifacts = {name: Artifact(stage, key, Path(path)) for name, (stage, key, path) in inputs.items()}
     job, train_source = student_job(exp, spec, artifacts)
     dev_path = artifacts["data"].path / "dev.parquet"
     if mode == "in_process":
@@ -163,7 +166,7 @@ def run_search(exp: Experiment, base_student: dict, space: SearchSpace, inputs: 
     resources = {"CPU": exp.tune.cpus_per_trial} if exp.tune.trial_mode == "in_process" else {"CPU": NESTED_TRIAL_CPU}
     trainable = tune.with_resources(
         tune.with_parameters(trial, exp_document=exp.model_dump(mode="json"), base_student=base_student,
-                             inputs={name: str(a.path) for name, a in inputs.items()}, mode=exp.tune.trial_mode),
+                             inputs={name: [a.stage, a.key, str(a.path)] for name, a in inputs.items()}, mode=exp.tune.trial_mode),
         resources)
     callback = MlflowTrialRuns(exp.tracking_uri, experiment_id, tracker_parent, base_student)
     started = time.perf_counter()

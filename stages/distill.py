@@ -19,7 +19,7 @@ from ray.train.torch import TorchTrainer
 
 from kd.layout import ENCODER_DIR, HISTORY_FILE, MLM_DIR, PRETRAINED_DIR, STUDENT_DIR, TOKENIZER_DIR
 from kd.methods import get_method
-from kd.worker import Rows, as_path, kept_student, selected_epoch, train_job, train_student
+from kd.worker import FrameData, Rows, as_path, kept_student, selected_epoch, train_job, train_student
 from stages.config import RunPlace, StudentSpec, TaskConfig, TeacherConfig
 from kd.errors import StageError
 from stages.label import ensemble_temperature
@@ -27,10 +27,13 @@ from stages.models import resolve_model_source
 from stages.progress import ProgressPoster
 
 PROGRESS_KEY = "progress_key"  # in a training job: the stage key its progress lines are posted under
+DEV_PATH = "dev_path"  # in a training job: the dev split's Parquet
 
 
 class RayTrainIO:
-    """Inside a Ray Train worker: dataset shards, ``ray.train.report`` and the run's latest checkpoint."""
+    """Inside a Ray Train worker: ``ray.train.report``, the run's latest checkpoint, DDP and the progress board.
+    Where the rows come from is a subclass's: a student's Parquet (``ShardIO``) or a streamed dataset
+    (``StreamedIO``)."""
 
     def __init__(self, progress_key: str | None = None):
         import ray.train
@@ -38,22 +41,7 @@ class RayTrainIO:
         self._train = ray.train
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
-        self._dev: dict[int, list[Rows]] = {}
         self.progress = ProgressPoster(progress_key if self.rank == 0 else None)
-
-    def epoch_chunks(self, rows_per_chunk: int, seed: int) -> Iterable[Rows]:
-        # The shard streams in file order (ordered_ingest) and is shuffled by the epoch's seed.
-        return self._train.get_dataset_shard("train").iter_batches(
-            batch_size=rows_per_chunk, batch_format="numpy", local_shuffle_buffer_size=rows_per_chunk,
-            local_shuffle_seed=seed)
-
-    def dev_rows(self, batch_size: int) -> Iterable[Rows]:
-        # Each pass over a Ray dataset starts an execution of its own, seconds on a small machine; the dev split
-        # is the same small set every epoch, so it is read once and kept.
-        if batch_size not in self._dev:
-            self._dev[batch_size] = list(self._train.get_dataset_shard("dev").iter_batches(
-                batch_size=batch_size, batch_format="numpy"))
-        return iter(self._dev[batch_size])
 
     def restore(self) -> ContextManager[Path | None]:
         checkpoint = self._train.get_checkpoint()
@@ -78,8 +66,30 @@ class RayTrainIO:
         return ray.train.torch.get_device()
 
 
+class StreamedIO(RayTrainIO):
+    """Rows streamed by Ray Data (``get_dataset_shard``): for a corpus that need not fit in a worker's memory (a
+    general distillation's)."""
+
+    def epoch_chunks(self, rows_per_chunk: int, seed: int) -> Iterable[Rows]:
+        # The shard streams in file order (ordered_ingest) and is shuffled by the epoch's seed.
+        return self._train.get_dataset_shard("train").iter_batches(
+            batch_size=rows_per_chunk, batch_format="numpy", local_shuffle_buffer_size=rows_per_chunk,
+            local_shuffle_seed=seed)
+
+
+class ShardIO(FrameData, RayTrainIO):
+    """A student's rows: its share of the train Parquet and the dev split, read once by the worker itself
+    (``kd.worker.FrameData``). A student's corpus is small (the augmented corpus, the largest, is tens of thousands
+    of rows), and reading it whole skips what a streamed dataset costs: a streaming split's coordinator and first
+    execution, about 10 s a student, and an execution every epoch."""
+
+    def __init__(self, train_path: str, dev_path: str, progress_key: str | None = None):
+        RayTrainIO.__init__(self, progress_key)
+        self.read(train_path, dev_path, self.rank, self.world)
+
+
 def train_loop_per_worker(job: dict[str, Any]) -> None:
-    train_student(job, RayTrainIO(job.get(PROGRESS_KEY)))
+    train_student(job, ShardIO(job["train_path"], job[DEV_PATH], job.get(PROGRESS_KEY)))
 
 
 class Config(RunPlace):
@@ -88,18 +98,6 @@ class Config(RunPlace):
     student: StudentSpec
     teacher: TeacherConfig
     task: TaskConfig
-
-
-def read_quietly(path: Path) -> ray.data.Dataset:
-    """A Parquet dataset whose per-epoch iteration in the workers draws no progress bars: a Dataset keeps the
-    DataContext it was created under, and per-epoch bars from every worker would drown the driver's display."""
-    context = ray.data.DataContext.get_current()
-    shown = context.enable_progress_bars
-    context.enable_progress_bars = False
-    try:
-        return ray.data.read_parquet(str(path))
-    finally:
-        context.enable_progress_bars = shown
 
 
 def scaling_config(cfg) -> ScalingConfig:
@@ -116,14 +114,11 @@ def ordered_ingest():
 
 
 def trainer(cfg, job: dict[str, Any], train_path: Path, dev_path: Path, run_config: ray.train.RunConfig) -> TorchTrainer:
-    return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=job,
-        scaling_config=scaling_config(cfg),
-        datasets={"train": read_quietly(train_path), "dev": read_quietly(dev_path)},
-        dataset_config=DataConfig(datasets_to_split=["train"], execution_options=ordered_ingest()),
-        run_config=run_config,
-    )
+    """A student's trainer: its workers read ``train_path`` and ``dev_path`` themselves (``ShardIO``), so both must
+    be readable from every node, as the workdir is on a cluster."""
+    return TorchTrainer(train_loop_per_worker, train_loop_config={**job, "train_path": str(train_path),
+                                                                  DEV_PATH: str(dev_path)},
+                        scaling_config=scaling_config(cfg), run_config=run_config)
 
 
 def fit(cfg, job: dict[str, Any], train_path: Path, dev_path: Path, run_name: str, out: Path,

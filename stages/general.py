@@ -19,7 +19,7 @@ from kd.general import general_job, train_general
 from kd.layout import ENCODER_DIR, HISTORY_FILE, MLM_DIR, STUDENT_DIR
 from stages.config import GeneralEntry, RunPlace, TeacherConfig
 from stages.corpus import corpus_dataset
-from stages.distill import PROGRESS_KEY, RayTrainIO, ordered_ingest, scaling_config
+from stages.distill import PROGRESS_KEY, StreamedIO, ordered_ingest, scaling_config
 from stages.models import resolve_model_source
 
 
@@ -29,7 +29,7 @@ class Config(RunPlace):
 
 
 def train_loop_per_worker(job: dict[str, Any]) -> None:
-    train_general(job, RayTrainIO(job.get(PROGRESS_KEY)))
+    train_general(job, StreamedIO(job.get(PROGRESS_KEY)))
 
 
 def teacher_folder(cfg: Config, inputs) -> str:

@@ -1,35 +1,31 @@
-"""RayTrainIO inside a Ray Train worker, with the worker's context and dataset shards stood in for."""
+"""A student's rows inside a Ray Train worker (``stages.distill.ShardIO``), with the worker's context stood in for:
+each worker reads its own share of the train Parquet, the shares are disjoint and equal, and every worker reads the
+whole dev split."""
 
 from types import SimpleNamespace
 
-import numpy as np
+import pandas as pd
 import ray.train
 
-from stages.distill import RayTrainIO
+from stages.distill import ShardIO
 
 
-class CountingShard:
-    """A dataset shard that counts its passes: each one is a Ray Data execution of its own."""
-
-    def __init__(self, rows: int):
-        self.rows, self.passes = rows, 0
-
-    def iter_batches(self, batch_size: int, batch_format: str):
-        self.passes += 1
-        for start in range(0, self.rows, batch_size):
-            yield {"label": np.arange(start, min(start + batch_size, self.rows))}
-
-
-def test_dev_rows_are_read_once_and_served_again_every_epoch(monkeypatch):
-    dev = CountingShard(rows=10)
+def worker_io(monkeypatch, train_path, dev_path, rank: int, world: int) -> ShardIO:
     monkeypatch.setattr(ray.train, "get_context",
-                        lambda: SimpleNamespace(get_world_rank=lambda: 0, get_world_size=lambda: 1))
-    monkeypatch.setattr(ray.train, "get_dataset_shard", lambda name: {"dev": dev}[name])
-    io = RayTrainIO()
-    epochs = [[batch["label"].tolist() for batch in io.dev_rows(batch_size=4)] for _ in range(3)]
-    assert epochs[0] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
-    assert epochs[1] == epochs[2] == epochs[0]
-    assert dev.passes == 1
-    assert [len(batch["label"]) for batch in io.dev_rows(batch_size=8)] == [8, 2]
-    assert dev.passes == 2
+                        lambda: SimpleNamespace(get_world_rank=lambda: rank, get_world_size=lambda: world))
+    return ShardIO(str(train_path), str(dev_path))
 
+
+def test_workers_read_disjoint_equal_shares_and_the_whole_dev_split(monkeypatch, tmp_path):
+    train, dev = tmp_path / "train.parquet", tmp_path / "dev.parquet"
+    pd.DataFrame({"row": range(11)}).to_parquet(train)
+    pd.DataFrame({"row": range(5)}).to_parquet(dev)
+    shares = [worker_io(monkeypatch, train, dev, rank, 3) for rank in range(3)]
+    rows = [sorted(row for chunk in io.epoch_chunks(2, seed=rank) for row in chunk["row"])
+            for rank, io in enumerate(shares)]
+    assert rows == [[0, 3, 6], [1, 4, 7], [2, 5, 8]]  # 11 // 3 rows each, in lockstep; rows 9 and 10 are dropped
+    assert all([row for chunk in io.dev_rows(2) for row in chunk["row"]] == list(range(5)) for io in shares)
+    single = worker_io(monkeypatch, train, dev, 0, 1)
+    first, again, other = ([row for chunk in single.epoch_chunks(4, seed) for row in chunk["row"]]
+                           for seed in (7, 7, 8))
+    assert sorted(first) == list(range(11)) and first == again and first != other
