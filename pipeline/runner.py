@@ -642,7 +642,7 @@ class PipelineRunner:
             inputs = {name: self.done[ref] for name, ref in self.nodes[distill_node].inputs.items()}
             train_rows[student_name] = distill.train_corpus(inputs)[1]
         if self.generates:
-            timings = self.time_generators({name: art.path for name, art in distills.items()},
+            timings = self.time_generators({name: art.path / STUDENT_DIR for name, art in distills.items()},
                                            prepared["data"].path)
             return build_generation_summary(self.exp, evaluations, distills, prepared, train_rows, timings)
         model_dirs = {"teacher": prepared["teacher"].path, **{name: art.path for name, art in distills.items()}}
@@ -661,14 +661,13 @@ class PipelineRunner:
         return dict(zip(names, timings, strict=True))
 
     def time_generators(self, model_dirs: dict[str, Path], data_dir: Path) -> dict[str, dict]:
-        """A generation task's students, their generation timed now and together, as ``time_models`` times
-        classifiers."""
+        """A generation task's students (saved model folders by name), their generation timed now and together, as
+        ``time_models`` times classifiers."""
         names = list(model_dirs)
         settings = self.generation_evaluation().model_dump()
         task = ray.remote(num_cpus=1)(evaluate_generation.time_generators)
         with self.console.status(f"[bold]timing {len(names)} students together[/bold] …"):
-            timings = ray.get(task.remote([str(model_dirs[name] / STUDENT_DIR) for name in names], str(data_dir),
-                                          settings))
+            timings = ray.get(task.remote([str(model_dirs[name]) for name in names], str(data_dir), settings))
         return dict(zip(names, timings, strict=True))
 
     def _run_stages(self) -> dict:
