@@ -14,19 +14,20 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
-import pandas as pd
 import torch
 from rich.table import Table
-from scipy.stats import ttest_rel
 from transformers import AutoConfig, AutoModelForMaskedLM
 
 from kd.generation import paired_bootstrap
 from kd.layout import MLM_DIR, STUDENT_DIR
 from pipeline.report_plots import plot_generation_scores
-from pipeline.report_stats import Spread, holm
+from pipeline import report_stats
+from pipeline.report import markdown_table
+from pipeline.report_stats import Spread, holm, paired_p_value
 from pipeline.summary_schema import (BootstrapTest, CmlmTeacherSummary, GenerationStudentSummary, GenerationSummary,
                                      SoftTargetCost)
-from stages.cmlm_teacher import TARGET
+from kd.students import count_parameters
+from stages.cmlm_teacher import read_pairs
 from stages.evaluate_generation import TEST_BEAM
 
 REPORT_FILE = "report.md"
@@ -36,11 +37,10 @@ BOOTSTRAP_SAMPLES = 1000
 SOFT_TARGETS = "cmlm_topk"  # the prepared corpus of the cmlm students (pipeline.runner.corpus_key)
 
 
-def _parameters(model_dir: Path) -> int:
-    """A saved masked LM's parameters, from its config alone (built on the meta device)."""
+def _parameters(config) -> int:
+    """A masked LM's parameters, from its config alone (built on the meta device)."""
     with torch.device("meta"):
-        model = AutoModelForMaskedLM.from_config(AutoConfig.from_pretrained(model_dir))
-    return sum(parameter.numel() for parameter in model.parameters())
+        return count_parameters(AutoModelForMaskedLM.from_config(config))
 
 
 def hypotheses(evaluate_dir: Path) -> list[str]:
@@ -48,20 +48,11 @@ def hypotheses(evaluate_dir: Path) -> list[str]:
     return (evaluate_dir / TEST_BEAM).read_text(encoding="utf-8").split("\n")[:-1]
 
 
-def _shape(student: GenerationStudentSummary) -> tuple:
-    return student.family, student.encoder_layers, student.decoder_layers, student.hidden_size
-
-
 def find_baseline(name: str, students: Mapping[str, GenerationStudentSummary]) -> str | None:
-    """The baseline of ``name``'s shape (its family, layers and width, trained on gold targets alone): one whose
-    encoder starts from the pre-trained checkpoint when there is one (what a user would train without a teacher),
-    the best on dev BLEU among several; None for a baseline, or when the run has none of that shape."""
-    if students[name].baseline:
-        return None
-    candidates = [other for other, s in students.items() if s.baseline and _shape(s) == _shape(students[name])]
-    pretrained = [other for other in candidates if students[other].init_from == "pretrained"]
-    candidates = pretrained or candidates
-    return max(candidates, key=lambda other: students[other].dev["bleu"]) if candidates else None
+    """The baseline of ``name``'s shape, chosen as the classification report chooses it
+    (``pipeline.report_stats.find_baseline``: from the pre-trained checkpoint when there is one, the best on dev
+    among several); None for a baseline."""
+    return None if students[name].baseline else report_stats.find_baseline(name, students, "bleu")
 
 
 def build_generation_summary(exp, evaluations: dict, distills: dict, prepared: dict, train_rows: dict[str, int],
@@ -72,8 +63,8 @@ def build_generation_summary(exp, evaluations: dict, distills: dict, prepared: d
     own."""
     timings = timings or {}
     teacher_result = prepared["teacher"].result()
-    teacher_dir = prepared["teacher"].path / MLM_DIR
-    teacher = CmlmTeacherSummary(source=exp.teacher.source, params=_parameters(teacher_dir),
+    teacher_config = AutoConfig.from_pretrained(prepared["teacher"].path / MLM_DIR)
+    teacher = CmlmTeacherSummary(source=exp.teacher.source, params=_parameters(teacher_config),
                                  steps=teacher_result["steps"],
                                  masked_accuracy_before=teacher_result["masked_accuracy"]["before"],
                                  masked_accuracy_after=teacher_result["masked_accuracy"]["after"])
@@ -81,10 +72,10 @@ def build_generation_summary(exp, evaluations: dict, distills: dict, prepared: d
     if SOFT_TARGETS in prepared:
         readings = prepared[SOFT_TARGETS].result()
         soft_targets = SoftTargetCost(**{name: readings[name] for name in SoftTargetCost.model_fields})
-    teacher_config = AutoConfig.from_pretrained(teacher_dir)
-    students = {}
+    students, results = {}, {name: evaluation.result() for name, evaluation in evaluations.items()}
     for spec in exp.students:
-        result = evaluations[spec.name].result()
+        result = results[spec.name]
+        speed = timings.get(spec.name, result["latency"])
         trained = distills[spec.name].result()
         config = AutoConfig.from_pretrained(distills[spec.name].path / STUDENT_DIR)
         epochs = [h for h in trained.get("history", []) if "dev" in h]
@@ -95,16 +86,15 @@ def build_generation_summary(exp, evaluations: dict, distills: dict, prepared: d
             init=method.shape(spec.student, teacher_config).init, init_from=spec.student.init_from,
             selected_epoch=trained.get("selected_epoch"),
             dev=result["dev"], test=result["test"], params=result["params"], size_bytes=result["size_bytes"],
-            sentences_per_second=timings.get(spec.name, result["latency"])["sentences_per_second"],
-            ms_per_batch=timings.get(spec.name, result["latency"])["ms_per_batch"], epochs=len(epochs),
+            sentences_per_second=speed["sentences_per_second"], ms_per_batch=speed["ms_per_batch"], epochs=len(epochs),
             epoch_seconds=float(np.mean([h["epoch_seconds"] for h in epochs])) if epochs else None,
             train_rows=train_rows[spec.name], evaluate_dir=evaluations[spec.name].path)
-    references = pd.read_parquet(prepared["data"].path / "test.parquet", columns=[TARGET])[TARGET].astype(str).tolist()
+    _, references = read_pairs(prepared["data"].path, "test")
     for name, student in students.items():
         baseline = find_baseline(name, students)
         if baseline is None:
             continue
-        lowercase = bool(evaluations[name].result().get("lowercase", False))
+        lowercase = bool(results[name].get("lowercase", False))
         test = paired_bootstrap(hypotheses(student.evaluate_dir), hypotheses(students[baseline].evaluate_dir),
                                 references, samples=BOOTSTRAP_SAMPLES, seed=exp.seed, lowercase=lowercase)
         student.against_baseline = BootstrapTest(baseline=baseline, difference=test["difference"],
@@ -169,11 +159,6 @@ def generation_table(summaries: Sequence[GenerationSummary]) -> Table:
     return table
 
 
-def _markdown(headers: list[str], cells: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|",
-            *("| " + " | ".join(row) + " |" for row in cells)]
-
-
 def _bootstrap_section(summaries: Sequence[GenerationSummary]) -> list[str]:
     rows = [[name, student.against_baseline.baseline, str(seed + 1), f"{student.against_baseline.difference:+.2f}",
              "[{:+.2f}, {:+.2f}]".format(*student.against_baseline.ci95), f"{student.against_baseline.p_value:.3g}"]
@@ -186,7 +171,7 @@ def _bootstrap_section(summaries: Sequence[GenerationSummary]) -> list[str]:
     return lines + [
         f"Koehn's paired bootstrap on the same test sentences: {samples:,} resamples of the test set, corpus BLEU of "
         "both systems on each; p is two-sided. Each seed is tested on its own: the seeds share the sentences.", "",
-        *_markdown(["student", "baseline", "seed run", "Δ BLEU", "95% interval", "p"], rows), ""]
+        *markdown_table(["student", "baseline", "seed run", "Δ BLEU", "95% interval", "p"], rows), ""]
 
 
 def _seed_section(summaries: Sequence[GenerationSummary]) -> list[str]:
@@ -199,8 +184,7 @@ def _seed_section(summaries: Sequence[GenerationSummary]) -> list[str]:
             continue
         student = np.array([s.students[name].test["bleu"] for s in summaries])
         base = np.array([s.students[baseline].test["bleu"] for s in summaries])
-        p_value = 1.0 if np.allclose(student, base) else float(ttest_rel(student, base).pvalue)
-        pairs.append((name, baseline, Spread.of(student - base), 1.0 if math.isnan(p_value) else p_value))
+        pairs.append((name, baseline, Spread.of(student - base), paired_p_value(student, base)))
     if not pairs:
         return []
     adjusted = holm([p for *_, p in pairs])
@@ -210,7 +194,7 @@ def _seed_section(summaries: Sequence[GenerationSummary]) -> list[str]:
     return ["## Across seeds", "",
             "A paired t-test of each student's per-seed test BLEU against its baseline's, with Holm's correction for "
             "the number of students compared.", "",
-            *_markdown(["student", "baseline", "gain (test BLEU)", "p", "p (Holm)", "verdict"], rows), ""]
+            *markdown_table(["student", "baseline", "gain (test BLEU)", "p", "p (Holm)", "verdict"], rows), ""]
 
 
 def _teacher_lines(summaries: Sequence[GenerationSummary]) -> list[str]:
@@ -241,7 +225,7 @@ def write_generation_report(workdir: Path, summaries: Sequence[GenerationSummary
     lines = [f"# Generation report: {first.experiment}", "",
              f"BLEU (sacreBLEU, 0-100) and ROUGE-L F1 with beam search unless marked greedy; {spread}; "
              f"{sentences:,} test pairs.", "", *_teacher_lines(summaries), "",
-             "## Students", "", *_markdown(headers, cells), "",
+             "## Students", "", *markdown_table(headers, cells), "",
              "- The gain is the student's test BLEU − that of the baseline of its shape (`nll`: the same student "
              "on gold targets alone), per seed then averaged; *within noise* when |mean gain| is below the two "
              "BLEUs' seed-to-seed standard deviations combined.",

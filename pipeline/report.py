@@ -83,7 +83,7 @@ def report_table(summaries: Sequence[Summary]) -> Table:
     return table
 
 
-def _markdown_table(headers: list[str], cells: list[list[str]]) -> list[str]:
+def markdown_table(headers: list[str], cells: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|",
             *("| " + " | ".join(row) + " |" for row in cells)]
 
@@ -137,7 +137,7 @@ def _paired_section(tests: list[PairedTest], seeds: int, metric: str) -> list[st
                         "discordant pairs are not independent and summing them would overstate the evidence.")
     rows = [[t.student, t.baseline, str(t.run + 1), str(t.result.b), str(t.result.c), f"{t.result.p_value:.3g}"]
             for t in tests]
-    lines += [explanation, "", *_markdown_table(["student", "baseline", "seed run", "b", "c", "p"], rows), ""]
+    lines += [explanation, "", *markdown_table(["student", "baseline", "seed run", "b", "c", "p"], rows), ""]
     if seeds > 1:
         significant: dict[str, int] = {}
         for test in tests:
@@ -158,7 +158,7 @@ def _seed_test_section(tests: list[SeedTest]) -> list[str]:
             "share its seed and test sentences), with Holm's correction for the number of students compared. With "
             "three seeds the test has two degrees of freedom: only a gain large against its spread reaches "
             f"p < {SIGNIFICANCE}.", "",
-            *_markdown_table(["student", "baseline", "gain (test)", "p", "p (Holm)", "verdict"], rows), ""]
+            *markdown_table(["student", "baseline", "gain (test)", "p", "p (Holm)", "verdict"], rows), ""]
 
 
 def _cost_section(rows: list[StudentRow], training: Mapping[str, Mapping]) -> list[str]:
@@ -171,7 +171,7 @@ def _cost_section(rows: list[StudentRow], training: Mapping[str, Mapping]) -> li
             "Cached-logit methods read soft labels from one teacher pass over the train rows, paid once and shared "
             "by every such student (marked *shared*); online methods run the teacher on every train row every "
             "epoch; `finetune` never runs it.", "",
-            *_markdown_table(["student", "method", "seconds / epoch", "teacher forward passes"], cells), "",
+            *markdown_table(["student", "method", "seconds / epoch", "teacher forward passes"], cells), "",
             f"![Training cost per student]({COST_FILE})", ""]
 
 
@@ -199,8 +199,8 @@ def _ensemble_section(summaries: Sequence[Summary], rows: list[StudentRow]) -> l
     return ["## Teacher ensemble", "",
             "Students with `soft_labels: ensemble` learn from the teachers' probabilities averaged at the student's "
             "temperature; the ensemble itself predicts the argmax of their probabilities averaged at T = 1.", "",
-            *_markdown_table(["model", "what", f"dev {metric}", f"test {metric}"], cells), "",
-            *_markdown_table(["student", "method", f"test {metric}", "retention of the ensemble (test)"],
+            *markdown_table(["model", "what", f"dev {metric}", f"test {metric}"], cells), "",
+            *markdown_table(["student", "method", f"test {metric}", "retention of the ensemble (test)"],
                              student_cells), ""]
 
 
@@ -221,7 +221,7 @@ def _parameters_section(summaries: Sequence[Summary], rows: list[StudentRow]) ->
             "Embedding tables are the word, position and token-type tables; the compression columns are the "
             "teacher's count ÷ the student's, over all parameters (the *compression* of the table above, embedding "
             "table included), over the tables alone and over the rest.", "",
-            *_markdown_table(["model", "vocabulary", "params", "embedding tables", "the rest", "compression",
+            *markdown_table(["model", "vocabulary", "params", "embedding tables", "the rest", "compression",
                               "compression (tables)", "compression (rest)"], table), ""]
 
 
@@ -236,7 +236,7 @@ def _early_exit_section(curves: Mapping[str, list[dict]]) -> list[str]:
     for name, points in curves.items():
         cells = [[f"{p['speed']:g}", f"{p['dev_accuracy'] * 100:.1f}", f"{p['test_accuracy'] * 100:.1f}",
                   f"{p['avg_exit_layer']:.2f}", f"{p['latency_ms']:.1f}", f"{p['speedup']:.2f}×"] for p in points]
-        lines += [f"`{name}`:", "", *_markdown_table(
+        lines += [f"`{name}`:", "", *markdown_table(
             ["threshold", "dev accuracy", "test accuracy", "mean exit layer (test)", "latency ms", "speedup"], cells), ""]
     return lines + [f"![Early exit: accuracy and speedup against the threshold]({EARLY_EXIT_FILE})", ""]
 
@@ -271,7 +271,7 @@ def write_report(workdir: Path, summaries: Sequence[Summary], predictions: Mappi
     lines = [f"# Distillation report: {summaries[0].experiment}", "",
              f"Metric: {metric} (points, ×100){spread}; {len(test_labels):,} test sentences.", "",
              _teacher_line(summaries), "",
-             "## Students", "", *_markdown_table(headers, cells), "",
+             "## Students", "", *markdown_table(headers, cells), "",
              "### Noise", "", *_noise_notes(summaries, len(test_labels)), "",
              *_paired_section(tests, seeds, metric),
              *_seed_test_section(seed_tests(summaries)),

@@ -108,10 +108,6 @@ def mcnemar(method_correct: np.ndarray, baseline_correct: np.ndarray) -> McNemar
     return McNemar(b, c, p_value)
 
 
-def _shape(student: StudentSummary) -> tuple[str, int, int | None, int | None]:
-    return student.family, student.layers, student.hidden_size, student.embedding_size
-
-
 def _best_on_dev(candidates: list[str], students: Mapping[str, StudentSummary], metric: str) -> str | None:
     return max(candidates, key=lambda other: students[other].dev[metric], default=None)
 
@@ -122,11 +118,11 @@ def find_baseline(name: str, students: Mapping[str, StudentSummary], metric: str
     best on dev, so that a gain is measured against the strongest baseline chosen without looking at test. Without
     a pre-trained one, any baseline of the shape."""
     shaped = [other for other, s in students.items() if s.baseline and other != name
-              and _shape(s) == _shape(students[name])]
-    pretrained = [other for other in shaped if students[other].init.from_ == "pretrained"]
+              and s.shape == students[name].shape]
+    pretrained = [other for other in shaped if students[other].init_from == "pretrained"]
     if students[name].baseline:
         # A finetune from the teacher's layers is measured against the pre-trained one; that one is the baseline.
-        return None if students[name].init.from_ == "pretrained" else _best_on_dev(pretrained, students, metric)
+        return None if students[name].init_from == "pretrained" else _best_on_dev(pretrained, students, metric)
     return _best_on_dev(pretrained or shaped, students, metric)
 
 
@@ -136,7 +132,7 @@ def find_teacher_layers_baseline(name: str, students: Mapping[str, StudentSummar
     if students[name].baseline:
         return None
     shaped = [other for other, s in students.items() if s.baseline
-              and _shape(s) == _shape(students[name]) and s.init.from_ == "teacher"]
+              and s.shape == students[name].shape and s.init_from == "teacher"]
     headline = find_baseline(name, students, metric)
     if headline is None or students[headline].init.from_ != "pretrained":
         return None
@@ -158,6 +154,13 @@ def _test_metric(summaries: Sequence[Summary], name: str) -> np.ndarray:
     return np.array([x.students[name].test[x.metric] for x in summaries])
 
 
+def paired_p_value(test: np.ndarray, base: np.ndarray) -> float:
+    """The paired t-test's p of one student's per-seed test metric against its baseline's."""
+    # Identical per-seed results have no spread to test: nothing tells the two apart.
+    p_value = 1.0 if np.allclose(test, base) else float(ttest_rel(test, base).pvalue)
+    return 1.0 if math.isnan(p_value) else p_value
+
+
 def seed_tests(summaries: Sequence[Summary]) -> list[SeedTest]:
     """Every student against its headline baseline, paired by seed (students of one seed share its data order and
     test sentences), Holm-adjusted over the students compared; needs at least two seeds."""
@@ -168,9 +171,7 @@ def seed_tests(summaries: Sequence[Summary]) -> list[SeedTest]:
         if row.baseline is None:
             continue
         test, base = _test_metric(summaries, row.name), _test_metric(summaries, row.baseline)
-        # Identical per-seed results have no spread to test: nothing tells the two apart.
-        p_value = 1.0 if np.allclose(test, base) else float(ttest_rel(test, base).pvalue)
-        pairs.append((row, Spread.of(test - base), 1.0 if math.isnan(p_value) else p_value))
+        pairs.append((row, Spread.of(test - base), paired_p_value(test, base)))
     adjusted = holm([p for *_, p in pairs])
     return [SeedTest(row.name, row.baseline, gain, p, p_holm)
             for (row, gain, p), p_holm in zip(pairs, adjusted, strict=True)]

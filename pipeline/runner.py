@@ -633,7 +633,7 @@ class PipelineRunner:
 
     def summarise(self, prepared: dict[str, Artifact], students: dict[str, tuple[Any, str, str]]):
         """One seed's summary, with the teacher and every student timed together now (a generation task's students
-        are timed by their evaluations: it has no teacher to time against)."""
+        together, without a teacher: a masked LM generates nothing to time against)."""
         evaluations = {} if self.generates else {"teacher": prepared["teacher_eval"]}
         distills, train_rows = {}, {}
         for student_name, (spec, distill_node, evaluate_node) in students.items():

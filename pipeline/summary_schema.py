@@ -111,6 +111,15 @@ class StudentSummary(_Record):
     # Only a FastBERT student has a threshold sweep; the others' files have no such key.
     early_exit: list[EarlyExitPoint] | None = Field(default=None, exclude_if=_absent)
 
+    @property
+    def init_from(self) -> str:
+        return self.init.from_
+
+    @property
+    def shape(self) -> tuple:
+        """What a student is compared across: its family, layers and widths (``pipeline.report_stats``)."""
+        return self.family, self.layers, self.hidden_size, self.embedding_size
+
 
 class EnsembleMember(_Record):
     source: str
@@ -182,6 +191,10 @@ class GenerationStudentSummary(_Record):
     train_rows: int
     evaluate_dir: Path
     against_baseline: BootstrapTest | None = None
+
+    @property
+    def shape(self) -> tuple:
+        return self.family, self.encoder_layers, self.decoder_layers, self.hidden_size
 
     @property
     def latency_ms(self) -> float:
