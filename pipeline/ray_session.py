@@ -91,8 +91,10 @@ def ensure_ray(ray_cfg, log_to_driver: bool = True) -> None:
                   runtime_env={"env_vars": WORKER_ENV})
     local = check_ray(ray_cfg) is None
     if local:
-        # Only a Ray started here is ours to size and configure.
+        # Only a Ray started here is ours to size and configure. Token authentication is Ray's default for a new
+        # local cluster; asked for by name, Ray starts it without printing a notice on every run.
         kwargs.update(num_cpus=ray_cfg.num_cpus, _system_config=LOCAL_SYSTEM_CONFIG)
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     try:
         ray.init(**kwargs)
     except Exception as error:  # a local start that times out raises a bare Exception
@@ -100,26 +102,47 @@ def ensure_ray(ray_cfg, log_to_driver: bool = True) -> None:
         raise StageError(f"cannot {where}: {type(error).__name__}: {error}") from None
 
 
-class RayDataConsoleFilter(logging.Filter):
-    """What of Ray Data's own logging reaches the terminal of a run without ``-v``: its warnings and errors, less
-    the warning that the cluster has no free CPU. That one fires whenever a small read (a row count) starts while
-    the run's other stages hold every CPU, which the stage scheduler allows on purpose; the read waits its turn."""
+class ConsoleFilter(logging.Filter):
+    """What of a library's logging reaches the terminal of a run without ``-v``: its warnings and errors, less the
+    notices (substrings of the message) that ``CONSOLE_NOTICES`` names for it."""
+
+    def __init__(self, notices: tuple[str, ...]):
+        super().__init__()
+        self.notices = notices
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING and "does not have any available CPUs" not in record.getMessage()
+        message = record.getMessage()
+        return record.levelno >= logging.WARNING and not any(notice in message for notice in self.notices)
 
 
-def quiet_ray_data_console() -> None:
-    """Keep Ray Data's INFO lines (each execution's plan, and on a terminal without progress bars its per-operator
-    progress every few seconds: hundreds of lines per stage) in its log file, ``ray-data.log`` in the session's logs
-    (``WORKDIR/logs/ray``), and off the terminal, where the stage table says what runs. Its file handler keeps
-    everything."""
+CONSOLE_NOTICES = {
+    # Fires whenever a small read (a row count) starts while the run's other stages hold every CPU, which the stage
+    # scheduler allows on purpose; the read waits its turn.
+    "ray.data": ("does not have any available CPUs",),
+    # The scheduler starts Ray from one of its threads; the run handles its own interrupts.
+    "ray": ("SIGTERM handler is not set",),
+}
+
+
+def quiet_console() -> None:
+    """Keep library chatter off the terminal of a run without ``-v``, where the stage table says what runs.
+
+    - Ray Data's INFO lines (each execution's plan, and on a terminal without progress bars its per-operator
+      progress every few seconds: hundreds of lines per stage) stay in its log file, ``ray-data.log`` in the
+      session's logs (``WORKDIR/logs/ray``), whose handler keeps everything.
+    - Ray's and Ray Data's notices in ``CONSOLE_NOTICES`` are dropped.
+    - transformers' warnings and progress bars from loading and saving models in the driver (every stage writes a
+      ``save_pretrained`` folder) are dropped; its errors still show."""
     import ray.data  # noqa: F401  (configures the ray.data logger and its handlers on import)
+    from transformers.utils import logging as transformers_logging
 
-    for handler in logging.getLogger("ray.data").handlers:
-        if isinstance(handler, logging.StreamHandler) and not any(
-                isinstance(existing, RayDataConsoleFilter) for existing in handler.filters):
-            handler.addFilter(RayDataConsoleFilter())
+    for name, notices in CONSOLE_NOTICES.items():
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, logging.StreamHandler) and not any(
+                    isinstance(existing, ConsoleFilter) for existing in handler.filters):
+                handler.addFilter(ConsoleFilter(notices))
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
 
 
 def link_worker_logs(workdir: Path) -> Path | None:

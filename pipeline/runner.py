@@ -30,7 +30,7 @@ from pipeline.artifacts import Artifact, ArtifactStore, content_key, write_resul
 from pipeline.code_keys import code_digests
 from pipeline.config import ConfigError, Experiment
 from pipeline.generation import build_generation_summary, generation_table
-from pipeline.ray_session import check_ray, ensure_ray, link_worker_logs, quiet_ray_data_console
+from pipeline.ray_session import check_ray, ensure_ray, link_worker_logs, quiet_console
 from pipeline.schedule import START, Scheduler, stage_capacity
 from pipeline.summary import build_summary, summary_table, write_summaries, write_workdir_report
 from pipeline.tracking import Tracker, log_report, remember_run
@@ -594,11 +594,12 @@ class PipelineRunner:
     def start_ray(self) -> None:
         with self._lock:
             if not self._ray_started:
+                if not self.verbose:
+                    quiet_console()
                 ensure_ray(self.exp.ray, log_to_driver=self.verbose)
                 self._ray_started = True
                 self.board.progress = progress_board()
                 if not self.verbose:
-                    quiet_ray_data_console()
                     logs = link_worker_logs(self.exp.workdir)
                     if logs is not None:
                         self.console.print(f"[dim]worker output: {logs} (run with -v to see it here)[/dim]")

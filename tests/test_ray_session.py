@@ -14,18 +14,17 @@ def test_workers_run_at_normal_priority(ray_session):
 def test_without_verbose_ray_data_keeps_its_info_lines_off_the_terminal():
     import logging
 
-    from pipeline.ray_session import quiet_ray_data_console
+    from pipeline.ray_session import quiet_console
 
-    quiet_ray_data_console()
-    quiet_ray_data_console()  # idempotent: one filter per handler
+    quiet_console()
+    quiet_console()  # idempotent: one filter per handler
     handlers = logging.getLogger("ray.data").handlers
     consoles = [handler for handler in handlers if isinstance(handler, logging.StreamHandler)]
     files = [handler for handler in handlers if not isinstance(handler, logging.StreamHandler)]
     assert consoles and files and all(len(handler.filters) <= 2 for handler in consoles)
 
-    def record(level: int, message: str) -> logging.LogRecord:
-        return logging.LogRecord("ray.data._internal.execution.streaming_executor", level, __file__, 1, message,
-                                 None, None)
+    def record(level: int, message: str, name: str = "ray.data._internal.execution.streaming_executor"):
+        return logging.LogRecord(name, level, __file__, 1, message, None, None)
 
     plan = record(logging.INFO, "Execution plan of Dataset dataset_1: InputDataBuffer[Input] -> TaskPoolMapOperator")
     no_cpu = record(logging.WARNING, "Warning: The Ray cluster currently does not have any available CPUs.")
@@ -34,3 +33,26 @@ def test_without_verbose_ray_data_keeps_its_info_lines_off_the_terminal():
         assert not console.filter(plan) and not console.filter(no_cpu) and console.filter(unreadable)
     for file in files:  # the log file keeps everything
         assert file.filter(plan) and file.filter(no_cpu)
+
+    sigterm = record(logging.WARNING, "SIGTERM handler is not set because current thread is not the main thread.",
+                     "ray._private.worker")
+    lost_node = record(logging.WARNING, "The node with node id abc has been marked dead", "ray._private.worker")
+    ray_consoles = [handler for handler in logging.getLogger("ray").handlers
+                    if isinstance(handler, logging.StreamHandler)]
+    assert ray_consoles
+    for console in ray_consoles:
+        assert not console.filter(sigterm) and console.filter(lost_node)
+
+
+def test_without_verbose_transformers_saves_and_loads_without_a_word(tmp_path, capfd):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from pipeline.ray_session import quiet_console
+
+    quiet_console()
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=16)
+    BertForSequenceClassification(config).save_pretrained(tmp_path)
+    BertForSequenceClassification.from_pretrained(tmp_path, num_labels=3, ignore_mismatched_sizes=True)
+    printed = capfd.readouterr()
+    assert printed.out == "" and printed.err == ""
