@@ -91,10 +91,8 @@ def ensure_ray(ray_cfg, log_to_driver: bool = True) -> None:
                   runtime_env={"env_vars": WORKER_ENV})
     local = check_ray(ray_cfg) is None
     if local:
-        # Only a Ray started here is ours to size and configure. Token authentication is Ray's default for a new
-        # local cluster; asked for by name, Ray starts it without printing a notice on every run.
+        # Only a Ray started here is ours to size and configure.
         kwargs.update(num_cpus=ray_cfg.num_cpus, _system_config=LOCAL_SYSTEM_CONFIG)
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
     try:
         ray.init(**kwargs)
     except Exception as error:  # a local start that times out raises a bare Exception
@@ -119,8 +117,10 @@ CONSOLE_NOTICES = {
     # Fires whenever a small read (a row count) starts while the run's other stages hold every CPU, which the stage
     # scheduler allows on purpose; the read waits its turn.
     "ray.data": ("does not have any available CPUs",),
-    # The scheduler starts Ray from one of its threads; the run handles its own interrupts.
-    "ray": ("SIGTERM handler is not set",),
+    # The scheduler starts Ray from one of its threads; the run handles its own interrupts. Token authentication is
+    # Ray's default for a new local cluster, announced on every start. (Setting RAY_AUTH_MODE=token instead does not
+    # work once Ray is imported: its cached config still says 'disabled' and the start fails.)
+    "ray": ("SIGTERM handler is not set", "Token authentication is enabled for this Ray cluster"),
 }
 
 

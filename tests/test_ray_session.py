@@ -36,12 +36,14 @@ def test_without_verbose_ray_data_keeps_its_info_lines_off_the_terminal():
 
     sigterm = record(logging.WARNING, "SIGTERM handler is not set because current thread is not the main thread.",
                      "ray._private.worker")
+    token = record(logging.WARNING, "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled "
+                   "to opt out.", "ray._private.authentication.authentication_token_setup")
     lost_node = record(logging.WARNING, "The node with node id abc has been marked dead", "ray._private.worker")
     ray_consoles = [handler for handler in logging.getLogger("ray").handlers
                     if isinstance(handler, logging.StreamHandler)]
     assert ray_consoles
     for console in ray_consoles:
-        assert not console.filter(sigterm) and console.filter(lost_node)
+        assert not console.filter(sigterm) and not console.filter(token) and console.filter(lost_node)
 
 
 def test_without_verbose_transformers_saves_and_loads_without_a_word(tmp_path, capfd):
