@@ -31,7 +31,7 @@ from pipeline.code_keys import code_digests
 from pipeline.config import ConfigError, Experiment
 from pipeline.generation import build_generation_summary, generation_table
 from pipeline.ray_session import check_ray, ensure_ray, link_worker_logs, quiet_console
-from pipeline.schedule import START, Scheduler, stage_capacity
+from pipeline.schedule import START, Scheduler, capacity_warning, stage_capacity
 from pipeline.summary import build_summary, summary_table, write_summaries, write_workdir_report
 from pipeline.tracking import Tracker, log_report, remember_run
 from stages import (augment, cmlm_teacher, cmlm_topk, data, distill, evaluate, evaluate_generation, general, label,
@@ -598,6 +598,9 @@ class PipelineRunner:
                     quiet_console()
                 ensure_ray(self.exp.ray, log_to_driver=self.verbose)
                 self._ray_started = True
+                warning = capacity_warning(self.exp.ray, ray.cluster_resources())
+                if warning is not None:
+                    log.warning(warning)
                 self.board.progress = progress_board()
                 if not self.verbose:
                     logs = link_worker_logs(self.exp.workdir)

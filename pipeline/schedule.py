@@ -103,6 +103,22 @@ def stage_capacity(settings: RayConfig,
     return max(1, limit)
 
 
+
+def capacity_warning(settings: RayConfig, resources: Mapping[str, float]) -> str | None:
+    """Why ``ray.max_concurrent_stages`` may stall this cluster, or None. A stage that runs through Ray Data (soft
+    labels, augmentation, masked-LM top-k) holds a CPU for each of its actors while its read tasks wait for another;
+    with as many such stages at once as the cluster has CPUs, every CPU is held by an actor waiting for a read that
+    can never be scheduled (seen: an ensemble's soft labels beside the augmented corpus on 2 CPUs). The default cap
+    keeps one CPU free for the reads."""
+    cap, cpus = settings.max_concurrent_stages, resources.get("CPU", 0)
+    if cap is None or cap * settings.num_workers * settings.cpus_per_worker < cpus:
+        return None
+    default = stage_capacity(settings.model_copy(update={"max_concurrent_stages": None}), resources)
+    return (f"ray.max_concurrent_stages={cap} with {settings.num_workers} × {settings.cpus_per_worker:g} CPU a "
+            f"stage can hold all {cpus:g} CPUs: stages that read through Ray Data (soft labels, augmentation) may "
+            f"then wait for each other forever. Leave it unset (here: {default}), lower ray.cpus_per_worker, or give "
+            "a local Ray more logical CPUs (ray.num_cpus) than the stages hold.")
+
 # --- simulation ---------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)

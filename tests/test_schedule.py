@@ -12,7 +12,8 @@ import pytest
 from benchmarks.bench_schedule import recorded, recorded_wall, schedule
 from pipeline.artifacts import write_result
 from pipeline.runner import PipelineRunner, StageFailures
-from pipeline.schedule import SKIP, START, Scheduler, capacities, critical_path, simulate, stage_capacity
+from pipeline.schedule import (SKIP, START, Scheduler, capacities, capacity_warning, critical_path, simulate,
+                               stage_capacity)
 from stages.config import RayConfig
 
 from test_scheduler import runner_for as stub_runner
@@ -193,3 +194,13 @@ def test_the_benchmark_reads_recorded_durations_under_the_planned_keys(tmp_path)
         (1, 1, 19), (4, 7, 12)]
     assert results["critical_path"] == ["data", "teacher", "s1", "e1"] and results["missing"] == ["e3"]
     assert results["simulated"][1]["speedup_over_1_node"] == round(19 / 12, 2)
+
+
+def test_a_cap_that_can_hold_every_cpu_is_warned_about():
+    assert capacity_warning(RayConfig(), {"CPU": 2}) is None  # the default leaves a CPU for Ray Data's reads
+    assert capacity_warning(RayConfig(max_concurrent_stages=1), {"CPU": 2}) is None
+    assert capacity_warning(RayConfig(max_concurrent_stages=2, cpus_per_worker=0.5), {"CPU": 2}) is None
+    warning = capacity_warning(RayConfig(max_concurrent_stages=2), {"CPU": 2})
+    assert warning is not None and "max_concurrent_stages=2" in warning and "Leave it unset (here: 1)" in warning
+    assert capacity_warning(RayConfig(max_concurrent_stages=2, num_workers=2), {"CPU": 5}) is None
+    assert capacity_warning(RayConfig(max_concurrent_stages=3, num_workers=2), {"CPU": 5}) is not None
