@@ -100,19 +100,6 @@ def ensure_ray(ray_cfg, log_to_driver: bool = True) -> None:
         raise StageError(f"cannot {where}: {type(error).__name__}: {error}") from None
 
 
-class ConsoleFilter(logging.Filter):
-    """What of a library's logging reaches the terminal of a run without ``-v``: its warnings and errors, less the
-    notices (substrings of the message) that ``CONSOLE_NOTICES`` names for it."""
-
-    def __init__(self, notices: tuple[str, ...]):
-        super().__init__()
-        self.notices = notices
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return record.levelno >= logging.WARNING and not any(notice in message for notice in self.notices)
-
-
 CONSOLE_NOTICES = {
     # Fires whenever a small read (a row count) starts while the run's other stages hold every CPU, which the stage
     # scheduler allows on purpose; the read waits its turn.
@@ -122,6 +109,21 @@ CONSOLE_NOTICES = {
     # work once Ray is imported: its cached config still says 'disabled' and the start fails.)
     "ray": ("SIGTERM handler is not set", "Token authentication is enabled for this Ray cluster"),
 }
+
+
+class ConsoleFilter(logging.Filter):
+    """What of Ray's logging reaches the terminal of a run without ``-v``: warnings and errors, less the notices
+    (substrings of the message) that ``CONSOLE_NOTICES`` names for the record's logger or a logger above it.
+
+    Every notice is checked on every handler: one handler can serve several of these loggers (a test harness, or
+    a user's logging setup, may attach one to both), and a handler keeps only the first ConsoleFilter it gets."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return False
+        message = record.getMessage()
+        return not any(notice in message for logger, notices in CONSOLE_NOTICES.items()
+                       if record.name == logger or record.name.startswith(logger + ".") for notice in notices)
 
 
 def quiet_console() -> None:
@@ -136,11 +138,11 @@ def quiet_console() -> None:
     import ray.data  # noqa: F401  (configures the ray.data logger and its handlers on import)
     from transformers.utils import logging as transformers_logging
 
-    for name, notices in CONSOLE_NOTICES.items():
+    for name in CONSOLE_NOTICES:
         for handler in logging.getLogger(name).handlers:
             if isinstance(handler, logging.StreamHandler) and not any(
                     isinstance(existing, ConsoleFilter) for existing in handler.filters):
-                handler.addFilter(ConsoleFilter(notices))
+                handler.addFilter(ConsoleFilter())
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
 

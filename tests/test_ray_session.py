@@ -45,6 +45,18 @@ def test_without_verbose_ray_data_keeps_its_info_lines_off_the_terminal():
     for console in ray_consoles:
         assert not console.filter(sigterm) and not console.filter(token) and console.filter(lost_node)
 
+    # One handler on both loggers (pytest's log-file handler ended up so in a full run) drops both loggers' notices.
+    shared = logging.StreamHandler()
+    for name in ("ray.data", "ray"):
+        logging.getLogger(name).addHandler(shared)
+    try:
+        quiet_console()
+        assert len(shared.filters) == 1
+        assert not shared.filter(no_cpu) and not shared.filter(sigterm) and shared.filter(lost_node)
+    finally:
+        for name in ("ray.data", "ray"):
+            logging.getLogger(name).removeHandler(shared)
+
 
 def test_without_verbose_transformers_saves_and_loads_without_a_word(tmp_path, capfd):
     from transformers import BertConfig, BertForSequenceClassification
