@@ -119,7 +119,10 @@ def test_bottleneck_attention_maps_are_free_of_attention_dropout():
     evaluated = model.eval()(**inputs, output_attentions=True)
     assert not torch.equal(trained.logits, evaluated.logits)  # the dropout is on
     assert torch.equal(trained.attentions[0], evaluated.attentions[0])
-    assert attention_kl(trained.attentions[0], evaluated.attentions[0], batch["attention_mask"]).item() == 0
+    # xlogy and log are different kernels, which disagree in the last bit on some CPUs (1e-9 on an AMD EPYC);
+    # maps after dropout at 0.5 would be orders of magnitude apart.
+    assert attention_kl(trained.attentions[0], evaluated.attentions[0],
+                        batch["attention_mask"]).item() == pytest.approx(0, abs=1e-7)
 
 
 def test_method_builds_a_bottleneck_student_from_the_teacher(tiny_teacher):
