@@ -45,6 +45,7 @@ from kd.layout import ENCODER_DIR, MLM_DIR, STUDENT_DIR
 log = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest.json"
+RESWEEP_S = 2.0  # how often the scheduler looks again while no stage finishes (its cap may have grown)
 
 
 def corpus_key(stage: str, data_name: str, temperature: float | None = None) -> str:
@@ -577,7 +578,10 @@ class PipelineRunner:
                         self.board.finish(name, "skipped")
                 if not running:
                     break
-                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                # The cap can grow while nothing finishes: Ray starts inside the first stage that needs it (one
+                # stage at a time until then; a cold benchmark's teacher trained alone for 10 min beside two idle
+                # ensemble members), and an autoscaling cluster adds nodes. A sweep is cheap.
+                finished, _ = wait(running, timeout=RESWEEP_S, return_when=FIRST_COMPLETED)
                 for future in finished:
                     name = running.pop(future)
                     error = future.exception()

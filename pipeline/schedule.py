@@ -66,8 +66,8 @@ class Scheduler:
                 self.failed[name] = f"not run: its input {broken[0]!r} failed"
                 self.skipped.add(name)
                 yield SKIP, name
-            elif (len(self.running) < (capacity() if callable(capacity) else capacity)
-                  and all(ref in self.done for ref in inputs) and not self._key_running(name)):
+            elif (all(ref in self.done for ref in inputs) and not self._key_running(name)
+                  and len(self.running) < (capacity() if callable(capacity) else capacity)):
                 self.pending.remove(name)
                 self.running.add(name)
                 yield START, name

@@ -60,6 +60,20 @@ def test_independent_stages_overlap_up_to_the_limit_and_wait_for_their_inputs(tm
     assert runner.counts == {"ran": 5, "cached": 0}
 
 
+def test_a_cap_that_grows_while_a_stage_runs_starts_the_waiting_stages_at_once(tmp_path, monkeypatch):
+    # Ray starts inside the first stage that needs it, and only then does the cap leave 1.
+    monkeypatch.setattr("pipeline.runner.RESWEEP_S", 0.05)
+    INTERVALS.clear()
+    graph = [("data", {}, {}), ("a", {"seconds": 1.5}, {"data": "data"}), ("b", {"seconds": 0.1}, {"data": "data"})]
+    runner = runner_for(tmp_path, graph, concurrency=1)
+    cap = {"stages": 1}
+    runner.concurrency = lambda: cap["stages"]
+    threading.Timer(0.3, cap.update, kwargs={"stages": 2}).start()
+    runner.execute_all()
+    a, b = INTERVALS["a"], INTERVALS["b"]
+    assert b[0] < a[1], "b waited for a to finish although the cap had grown to 2"
+
+
 def test_one_at_a_time_when_the_limit_is_one(tmp_path):
     INTERVALS.clear()
     runner_for(tmp_path, GRAPH, concurrency=1).execute_all()
