@@ -3,8 +3,10 @@
 Plans the experiment as ``python -m pipeline run CONFIG --seeds N`` would (``PipelineRunner.plan``: no Ray, no
 MLflow), reads every planned stage's recorded ``seconds`` from the workdir's artifact store under the stage's
 planned key, and replays the DAG with a virtual clock (``pipeline.schedule.simulate``, which drives the same
-``Scheduler`` that ``execute_all`` drives) at the cap on stages at once that the runner would compute for a
-cluster of N such nodes (``pipeline.schedule.stage_capacity``, the arithmetic of ``PipelineRunner.concurrency``).
+``Scheduler`` that ``execute_all`` drives) with the limits the runner would compute for a cluster of N such
+nodes: its cap on stages at once (``pipeline.schedule.stage_capacity``, the arithmetic of
+``PipelineRunner.concurrency``) and its CPU budget for the stages' actors (``pipeline.schedule.cpu_budget``, with
+each stage's ``cpus_held``).
 Beside it: the critical path, the wall time no number of nodes beats, and the recorded wall time of the run.
 
 The durations were recorded on one machine, where stages ran one or two at a time and may have slowed each other;
@@ -115,7 +117,7 @@ def schedule(runner, node_counts: list[int], cpus_per_node: float, gpus_per_node
              allow_missing: bool = False, match_names: bool = False) -> dict:
     """The figures: per cluster size, the runner's cap and the simulated wall time; the critical path; the
     recorded wall time. ``runner`` has planned its nodes."""
-    from pipeline.schedule import capacities, critical_path, simulate
+    from pipeline.schedule import capacities, cpu_budget, critical_path, simulate
 
     found, missing = recorded(runner, match_names)
     if missing and not allow_missing:
@@ -129,12 +131,15 @@ def schedule(runner, node_counts: list[int], cpus_per_node: float, gpus_per_node
                       + (" …" if len(missing) > 8 else "") + "[/yellow]", highlight=False)
     durations = {name: found[name]["seconds"] if name in found else 0.0 for name in runner.nodes}
     keys = {name: (node.stage, runner.planned(name).key) for name, node in runner.nodes.items()}
+    cpus = {name: node.config.cpus_held() for name, node in runner.nodes.items()}
     caps = capacities(runner.exp.ray, cpus_per_node, node_counts, gpus_per_node)
     path_seconds, path = critical_path(runner.nodes, durations)
     rows = []
     for n in node_counts:
-        wall, timeline = simulate(runner.nodes, durations, caps[n], keys=keys)
-        rows.append({"nodes": n, "cpus": n * cpus_per_node, "max_concurrent_stages": caps[n], "wall_s": round(wall, 2),
+        budget = cpu_budget({"CPU": n * cpus_per_node})
+        wall, timeline = simulate(runner.nodes, durations, caps[n], keys=keys, cpus=cpus, budget=budget)
+        rows.append({"nodes": n, "cpus": n * cpus_per_node, "max_concurrent_stages": caps[n], "cpu_budget": budget,
+                     "wall_s": round(wall, 2),
                      "peak_running": peak(timeline),
                      "timeline": [[span.name, round(span.start, 2), round(span.finish, 2), span.outcome]
                                   for span in timeline]})

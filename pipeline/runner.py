@@ -31,7 +31,7 @@ from pipeline.code_keys import code_digests
 from pipeline.config import ConfigError, Experiment
 from pipeline.generation import build_generation_summary, generation_table
 from pipeline.ray_session import check_ray, ensure_ray, link_worker_logs, quiet_console
-from pipeline.schedule import START, Scheduler, capacity_warning, stage_capacity
+from pipeline.schedule import START, Scheduler, cpu_budget, stage_capacity
 from pipeline.summary import build_summary, summary_table, write_summaries, write_workdir_report
 from pipeline.tracking import Tracker, log_report, remember_run
 from stages import (augment, cmlm_teacher, cmlm_topk, data, distill, evaluate, evaluate_generation, general, label,
@@ -562,16 +562,22 @@ class PipelineRunner:
         the data stage can run, so one."""
         return stage_capacity(self.exp.ray, lambda: ray.cluster_resources() if ray.is_initialized() else None)
 
+    def cpu_budget(self) -> float | None:
+        """The CPUs running stages' actors may hold at once: the cluster's less one for Ray Data's reads (None
+        before Ray is up, when ``concurrency`` allows one stage)."""
+        return cpu_budget(ray.cluster_resources() if ray.is_initialized() else None)
+
     def execute_all(self) -> None:
         """Run every planned node as soon as its inputs are done, up to ``concurrency()`` at once. A failed node
         fails the nodes that read it and no others; once nothing more can run, every failure is raised together."""
         # The policy; benchmarks/bench_schedule.py simulates it. Nodes of one key never compute it side by side.
         keys = {name: (node.stage, self.planned(name).key) for name, node in self.nodes.items()}
-        scheduler = Scheduler(self.nodes, done=self.done, keys=keys)
+        scheduler = Scheduler(self.nodes, done=self.done, keys=keys,
+                              cpus={name: node.config.cpus_held() for name, node in self.nodes.items()})
         running: dict[Future, str] = {}
         with ThreadPoolExecutor(thread_name_prefix="stage") as pool, self.board.live():
             while True:
-                for action, name in scheduler.sweep(self.concurrency):
+                for action, name in scheduler.sweep(self.concurrency, self.cpu_budget):
                     if action == START:
                         running[pool.submit(self.execute, name)] = name
                     else:
@@ -602,9 +608,6 @@ class PipelineRunner:
                     quiet_console()
                 ensure_ray(self.exp.ray, log_to_driver=self.verbose)
                 self._ray_started = True
-                warning = capacity_warning(self.exp.ray, ray.cluster_resources())
-                if warning is not None:
-                    log.warning(warning)
                 self.board.progress = progress_board()
                 if not self.verbose:
                     logs = link_worker_logs(self.exp.workdir)

@@ -2,10 +2,11 @@
 
 ``Scheduler`` decides, over a DAG of named nodes (each naming the nodes it reads), which nodes start now: it
 sweeps the pending nodes in their planned order, skips every node an input of which failed, and starts every node
-whose inputs are all done while fewer than ``capacity`` run. ``PipelineRunner.execute_all`` drives it with threads
+whose inputs are all done while fewer than ``capacity`` run and the CPUs its actors hold fit the budget beside
+those of the nodes running. ``PipelineRunner.execute_all`` drives it with threads
 and real stages; ``simulate`` drives it with a virtual clock and recorded durations, so a simulated schedule is the
-schedule the runner would follow, not a copy of its rules. ``stage_capacity`` is the runner's cap on stages at once
-for given cluster resources, so the simulation can ask it about a cluster that does not exist.
+schedule the runner would follow, not a copy of its rules. ``stage_capacity`` and ``cpu_budget`` are the runner's
+limits for given cluster resources, so the simulation can ask them about a cluster that does not exist.
 """
 
 from __future__ import annotations
@@ -42,22 +43,31 @@ class Scheduler:
 
     ``keys`` gives nodes that write one artifact the same key (the ensemble's member equal to the teacher is the
     teacher's artifact): such a node waits while another of its key runs, then starts and finds it in the cache,
-    rather than computing the same artifact beside it."""
+    rather than computing the same artifact beside it.
 
-    def __init__(self, nodes: Graph, done: Iterable[str] = (), keys: Mapping[str, Hashable] | None = None):
+    ``cpus`` gives the CPUs each node's Ray actors hold while it runs (``StageConfig.cpus_held``: training workers,
+    Ray Data actor pools; nodes not named hold none). A node that holds some starts only while those of the running
+    nodes and its own fit the sweep's ``cpu_budget``, or when no running node holds any (so a node larger than the
+    budget still runs, alone)."""
+
+    def __init__(self, nodes: Graph, done: Iterable[str] = (), keys: Mapping[str, Hashable] | None = None,
+                 cpus: Mapping[str, float] | None = None):
         self.inputs = dependencies(nodes)
         self.keys = dict(keys or {})
+        self.cpus = {name: float(held) for name, held in (cpus or {}).items() if held}
         self.done: set[str] = set(done)
         self.pending: list[str] = [name for name in self.inputs if name not in self.done]  # the planned order
         self.running: set[str] = set()
         self.failed: dict[str, str] = {}
         self.skipped: set[str] = set()
 
-    def sweep(self, capacity: int | float | Callable[[], int | float]) -> Iterator[tuple[str, str]]:
+    def sweep(self, capacity: int | float | Callable[[], int | float],
+              cpu_budget: float | Callable[[], float | None] | None = None) -> Iterator[tuple[str, str]]:
         """``(START, name)`` for each node to start now and ``(SKIP, name)`` for each node not to run because an
-        input failed, in planned order. ``capacity`` (stages at once; a callable is asked again before each start,
-        as the runner's cap grows once Ray is up) is checked against the nodes running, those started by this sweep
-        included, so the driver must start each node as it is yielded."""
+        input failed, in planned order. ``capacity`` (stages at once) and ``cpu_budget`` (CPUs the running nodes'
+        actors may hold; None: no budget) may be callables, asked again before each start, as the runner's limits
+        grow once Ray is up. Both are checked against the nodes running, those started by this sweep included, so
+        the driver must start each node as it is yielded."""
         for name in list(self.pending):
             inputs = self.inputs[name]
             broken = [ref for ref in inputs if ref in self.failed]
@@ -67,10 +77,18 @@ class Scheduler:
                 self.skipped.add(name)
                 yield SKIP, name
             elif (all(ref in self.done for ref in inputs) and not self._key_running(name)
-                  and len(self.running) < (capacity() if callable(capacity) else capacity)):
+                  and len(self.running) < (capacity() if callable(capacity) else capacity)
+                  and self._fits(name, cpu_budget)):
                 self.pending.remove(name)
                 self.running.add(name)
                 yield START, name
+
+    def _fits(self, name: str, budget: float | Callable[[], float | None] | None) -> bool:
+        held = sum(self.cpus.get(other, 0.0) for other in self.running)
+        if name not in self.cpus or held == 0:
+            return True
+        budget = budget() if callable(budget) else budget
+        return budget is None or held + self.cpus[name] <= budget
 
     def _key_running(self, name: str) -> bool:
         key = self.keys.get(name)
@@ -104,20 +122,13 @@ def stage_capacity(settings: RayConfig,
 
 
 
-def capacity_warning(settings: RayConfig, resources: Mapping[str, float]) -> str | None:
-    """Why ``ray.max_concurrent_stages`` may stall this cluster, or None. A stage that runs through Ray Data (soft
-    labels, augmentation, masked-LM top-k) holds a CPU for each of its actors while its read tasks wait for another;
-    with as many such stages at once as the cluster has CPUs, every CPU is held by an actor waiting for a read that
-    can never be scheduled (seen: an ensemble's soft labels beside the augmented corpus on 2 CPUs). The default cap
-    keeps one CPU free for the reads."""
-    cap, cpus = settings.max_concurrent_stages, resources.get("CPU", 0)
-    if cap is None or cap * settings.num_workers * settings.cpus_per_worker < cpus:
-        return None
-    default = stage_capacity(settings.model_copy(update={"max_concurrent_stages": None}), resources)
-    return (f"ray.max_concurrent_stages={cap} with {settings.num_workers} × {settings.cpus_per_worker:g} CPU a "
-            f"stage can hold all {cpus:g} CPUs: stages that read through Ray Data (soft labels, augmentation) may "
-            f"then wait for each other forever. Leave it unset (here: {default}), lower ray.cpus_per_worker, or give "
-            "a local Ray more logical CPUs (ray.num_cpus) than the stages hold.")
+def cpu_budget(resources: Mapping[str, float] | None) -> float | None:
+    """The CPUs that running stages' actors may hold at once on a cluster of ``resources``: all but one. Ray Data's
+    read tasks (soft labels, augmentation, masked-LM top-k, a streamed corpus) each need a free CPU beside the
+    actors they feed; with every CPU held by actors waiting for reads, no read can start (seen: an ensemble's soft
+    labels beside the augmented corpus on 2 CPUs, both waiting forever). None where there are no resources yet."""
+    return None if resources is None else resources.get("CPU", 1) - 1
+
 
 # --- simulation ---------------------------------------------------------------------------------------------------
 
@@ -134,10 +145,11 @@ class Span:
 
 
 def simulate(nodes: Graph, durations: Mapping[str, float], capacity: int | float,
-             failing: Iterable[str] = (), keys: Mapping[str, Hashable] | None = None) -> tuple[float, list[Span]]:
+             failing: Iterable[str] = (), keys: Mapping[str, Hashable] | None = None,
+             cpus: Mapping[str, float] | None = None, budget: float | None = None) -> tuple[float, list[Span]]:
     """The wall time of running ``nodes`` under the runner's policy (``Scheduler``) with each node taking its
-    ``durations`` seconds and at most ``capacity`` at once (``math.inf``: no limit), and the timeline in start
-    order. Time only passes while nodes run: the clock jumps to the earliest finish, and every node finishing then
+    ``durations`` seconds, at most ``capacity`` at once (``math.inf``: no limit) and the CPUs ``cpus`` gives each
+    within ``budget`` (None: no budget), and the timeline in start order. Time only passes while nodes run: the clock jumps to the earliest finish, and every node finishing then
     is reported before the next sweep, as ``wait(FIRST_COMPLETED)`` returns every future done by then.
 
     ``failing`` nodes fail when their time is up. ``keys`` gives nodes that write one artifact the same key, as two
@@ -150,13 +162,13 @@ def simulate(nodes: Graph, durations: Mapping[str, float], capacity: int | float
     if not capacity >= 1:
         raise ValueError(f"capacity must be at least 1, got {capacity}")
     failing = set(failing)
-    scheduler = Scheduler(nodes, keys=keys)
+    scheduler = Scheduler(nodes, keys=keys, cpus=cpus)
     finished_keys: set[Hashable] = set()
     clock, order = 0.0, 0
     events: list[tuple[float, int, str, str]] = []  # (finish time, start order, name, outcome): a heap
     timeline: list[Span] = []
     while True:
-        for action, name in scheduler.sweep(capacity):
+        for action, name in scheduler.sweep(capacity, budget):
             if action == SKIP:
                 timeline.append(Span(name, clock, clock, "skipped"))
                 continue

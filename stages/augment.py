@@ -147,6 +147,9 @@ class Config(StageConfig):
     teacher: TeacherConfig
     label: LabelConfig
 
+    def cpus_held(self) -> float:
+        return float(self.augment.actors)  # one CPU an augmenting actor (the POS counter before them: one)
+
 
 def augmenter(cfg: Config, inputs, source: ray.data.Dataset) -> tuple[type, dict, dict]:
     """The actor class of the configured rule, its constructor arguments and facts for the stage result."""

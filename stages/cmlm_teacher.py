@@ -138,12 +138,15 @@ class Config(StageConfig):
     ray: RayConfig
     cmlm: CmlmSettings = Field(default_factory=CmlmSettings)
 
+    def cpus_held(self) -> float:
+        return self.ray.cpus_per_worker  # the training task's
+
 
 def run(cfg: Config, inputs, ctx, out: Path) -> dict:
     """``inputs["data"]``: the task's ``train/dev/test.parquet`` with ``source`` and ``target``."""
     source = resolve_model_source(cfg.teacher.source)
     check_pair_length(source, cfg.cmlm.max_source_length, cfg.cmlm.max_target_length)
     use_gpu = cfg.ray.use_gpu
-    task = ray.remote(num_cpus=cfg.ray.cpus_per_worker, num_gpus=1 if use_gpu else 0)(train_cmlm_teacher)
+    task = ray.remote(num_cpus=cfg.cpus_held(), num_gpus=1 if use_gpu else 0)(train_cmlm_teacher)
     return ray.get(task.remote(source, str(inputs["data"].path), str(out / MLM_DIR), cfg.cmlm.model_dump(), cfg.seed,
                                cfg.ray.threads_per_worker, device="cuda" if use_gpu else "cpu"))

@@ -86,6 +86,9 @@ class Config(StageConfig, CmlmLengths, CmlmTopKSettings):
 
     label: LabelConfig
 
+    def cpus_held(self) -> float:
+        return self.label.pool_cpus
+
 
 def run(cfg: Config, inputs, ctx, out: Path) -> dict:
     """``inputs["data"]``: the task's Parquet (``train.parquet`` with ``source`` and ``target``);

@@ -177,6 +177,11 @@ class LabelConfig(Strict):
                            description="TextSmooth: the masked-LM ids kept per token (stage mlm_topk, run on the same "
                            "actor pool settings).")
 
+    @property
+    def pool_cpus(self) -> float:
+        """The CPUs the actor pool holds while a stage runs on it."""
+        return self.actors * self.cpus_per_actor
+
 
 class AugmentConfig(AugmentSettings):
     """The transfer corpus (stage augment), built when a student trains on ``data: augmented``."""
@@ -411,6 +416,12 @@ class StageConfig(BaseModel):
     def key_values(self) -> dict:
         return keyed_values(self)
 
+    def cpus_held(self) -> float:
+        """The CPUs the stage's Ray actors hold while it runs (training workers, a Ray Data actor pool), which the
+        runner's scheduler keeps within its CPU budget (``pipeline.schedule.cpu_budget``); none for a stage that
+        runs in the driver, in short tasks, or on the run's zero-CPU evaluation actor."""
+        return 0.0
+
 
 class RunPlace(StageConfig):
     """A stage that runs Ray Train: its run names and storage, which follow the experiment, not its outputs."""
@@ -422,3 +433,6 @@ class RunPlace(StageConfig):
     @property
     def storage(self) -> Path:
         return Path(self.ray.storage_path or self.workdir / "ray").expanduser().resolve()
+
+    def cpus_held(self) -> float:
+        return self.ray.num_workers * self.ray.cpus_per_worker

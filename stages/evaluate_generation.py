@@ -45,6 +45,9 @@ class Config(StageConfig):
     threads: int | None = Field(default=None, ge=1, json_schema_extra=UNKEYED,
                                 description="Torch threads, for decoding and timing (None: all cores).")
 
+    def cpus_held(self) -> float:
+        return 1.0  # the evaluation task's
+
 
 def is_uncased(tokenizer) -> bool:
     """Whether the vocabulary lowercases its input: its outputs are then scored against lowercased references."""
@@ -111,6 +114,6 @@ def time_generators(model_dirs: list[str], data_dir: str, settings: dict) -> lis
 def run(cfg: Config, inputs, ctx, out: Path) -> dict:
     """``inputs["model"]``: an artifact whose ``student/`` is a saved seq2seq student with its tokenizer;
     ``inputs["data"]``: the task's ``dev.parquet`` and ``test.parquet`` with ``source`` and ``target``."""
-    task = ray.remote(num_cpus=1)(evaluate_generation)
+    task = ray.remote(num_cpus=cfg.cpus_held())(evaluate_generation)
     return ray.get(task.remote(str(inputs["model"].path / STUDENT_DIR), str(inputs["data"].path), str(out),
                                cfg.model_dump()))

@@ -111,6 +111,9 @@ class Config(StageConfig):
     ensemble: EnsembleConfig | None = None
     temperature: float | None = None
 
+    def cpus_held(self) -> float:
+        return self.label.pool_cpus
+
 
 def ensemble_temperature(spec) -> float | None:
     """The temperature at which the ensemble's probabilities are averaged for this student entry

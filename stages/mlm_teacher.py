@@ -44,10 +44,13 @@ class Config(StageConfig):
     seed: int
     ray: RayConfig
 
+    def cpus_held(self) -> float:
+        return self.ray.cpus_per_worker  # the training task's
+
 
 def run(cfg: Config, inputs, ctx, out: Path) -> dict:
     threads = cfg.ray.threads_per_worker
-    task = ray.remote(num_cpus=cfg.ray.cpus_per_worker)(adapt_teacher)
+    task = ray.remote(num_cpus=cfg.cpus_held())(adapt_teacher)
     return ray.get(task.remote(
         str(inputs["teacher"].path / STUDENT_DIR), str(inputs["data"].path), str(out / MLM_DIR),
         cfg.teacher.mlm.model_dump(), cfg.teacher.max_length, cfg.seed, threads))

@@ -67,6 +67,9 @@ class Config(StageConfig):
     label: LabelConfig
     k: int = Field(ge=1, description="Masked-LM ids kept per token (label.mlm_top_k).")
 
+    def cpus_held(self) -> float:
+        return self.label.pool_cpus
+
 
 def run(cfg: Config, inputs, ctx, out: Path) -> dict:
     source = read_rows(inputs["label"].path / "data", inputs["label"].result()["rows"], cfg)

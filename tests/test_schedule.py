@@ -12,7 +12,7 @@ import pytest
 from benchmarks.bench_schedule import recorded, recorded_wall, schedule
 from pipeline.artifacts import write_result
 from pipeline.runner import PipelineRunner, StageFailures
-from pipeline.schedule import (SKIP, START, Scheduler, capacities, capacity_warning, critical_path, simulate,
+from pipeline.schedule import (SKIP, START, Scheduler, capacities, cpu_budget, critical_path, simulate,
                                stage_capacity)
 from stages.config import RayConfig
 
@@ -160,10 +160,10 @@ def test_a_change_to_the_policy_changes_the_run_and_the_simulation_alike(tmp_pat
     # One policy, not two copies: start ready nodes newest-planned first, and both follow.
     plain = Scheduler.sweep
 
-    def newest_first(self, capacity):
+    def newest_first(self, capacity, cpu_budget=None):
         self.pending.reverse()
         try:
-            yield from plain(self, capacity)
+            yield from plain(self, capacity, cpu_budget)
         finally:
             self.pending.reverse()
 
@@ -196,11 +196,21 @@ def test_the_benchmark_reads_recorded_durations_under_the_planned_keys(tmp_path)
     assert results["simulated"][1]["speedup_over_1_node"] == round(19 / 12, 2)
 
 
-def test_a_cap_that_can_hold_every_cpu_is_warned_about():
-    assert capacity_warning(RayConfig(), {"CPU": 2}) is None  # the default leaves a CPU for Ray Data's reads
-    assert capacity_warning(RayConfig(max_concurrent_stages=1), {"CPU": 2}) is None
-    assert capacity_warning(RayConfig(max_concurrent_stages=2, cpus_per_worker=0.5), {"CPU": 2}) is None
-    warning = capacity_warning(RayConfig(max_concurrent_stages=2), {"CPU": 2})
-    assert warning is not None and "max_concurrent_stages=2" in warning and "Leave it unset (here: 1)" in warning
-    assert capacity_warning(RayConfig(max_concurrent_stages=2, num_workers=2), {"CPU": 5}) is None
-    assert capacity_warning(RayConfig(max_concurrent_stages=3, num_workers=2), {"CPU": 5}) is not None
+def test_stages_holding_cpus_share_the_budget_and_never_take_ray_datas_last_cpu():
+    # 2 CPUs, so a budget of 1 for actors. Two soft-label stages (a 1-CPU actor pool each) take turns, the two
+    # half-CPU students run side by side, and a student never beside a label stage (1.5 > 1).
+    dag = {"data": [], "label_a": ["data"], "label_b": ["data"], "s1": ["data"], "s2": ["data"]}
+    seconds = {"data": 1, "label_a": 10, "label_b": 10, "s1": 10, "s2": 10}
+    cpus = {"label_a": 1, "label_b": 1, "s1": 0.5, "s2": 0.5}
+    budget = cpu_budget({"CPU": 2})
+    wall, timeline = simulate(dag, seconds, 2, cpus=cpus, budget=budget)
+    assert budget == 1 and wall == 31
+    assert {span.name: span.start for span in timeline} == {"data": 0, "label_a": 1, "label_b": 11, "s1": 21, "s2": 21}
+    # The cap alone would start both label stages at once, their actors holding both CPUs: no read could run.
+    _, timeline = simulate(dag, seconds, 2)
+    assert {span.name: span.start for span in timeline}["label_b"] == 1
+    # A stage larger than the budget still runs, alone.
+    wall, timeline = simulate({"big": [], "small": []}, {"big": 5, "small": 5}, 2, cpus={"big": 4, "small": 0.5},
+                              budget=1)
+    assert wall == 10 and [span.start for span in timeline] == [0, 5]
+    assert cpu_budget(None) is None and cpu_budget({"CPU": 64}) == 63

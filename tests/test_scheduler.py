@@ -21,6 +21,10 @@ class Step(StageConfig):
     label: str
     seconds: float = 0.0
     fail: bool = False
+    cpus: float = 0.0
+
+    def cpus_held(self) -> float:
+        return self.cpus
 
 
 INTERVALS: dict[str, tuple[float, float]] = {}
@@ -72,6 +76,22 @@ def test_a_cap_that_grows_while_a_stage_runs_starts_the_waiting_stages_at_once(t
     runner.execute_all()
     a, b = INTERVALS["a"], INTERVALS["b"]
     assert b[0] < a[1], "b waited for a to finish although the cap had grown to 2"
+
+
+def test_stages_whose_actors_would_hold_every_cpu_take_turns(tmp_path, monkeypatch):
+    # On 2 CPUs two 1-CPU actor pools would leave Ray Data's reads none: with room for two stages they still take
+    # turns, while two half-CPU students share the one CPU the budget allows.
+    monkeypatch.setattr("pipeline.runner.ray.is_initialized", lambda: True)
+    monkeypatch.setattr("pipeline.runner.ray.cluster_resources", lambda: {"CPU": 2})
+    INTERVALS.clear()
+    labels = {"a": "label a", "b": "label b"}
+    graph = [("data", {}, {}), ("label a", {"seconds": 0.5, "cpus": 1}, {"data": "data"}),
+             ("label b", {"seconds": 0.5, "cpus": 1}, {"data": "data"}),
+             ("s1", {"seconds": 0.5, "cpus": 0.5}, labels), ("s2", {"seconds": 0.5, "cpus": 0.5}, labels)]
+    runner_for(tmp_path, graph, concurrency=2).execute_all()
+    a, b, s1, s2 = (INTERVALS[name] for name in ("label a", "label b", "s1", "s2"))
+    assert a[1] <= b[0] or b[1] <= a[0]
+    assert s1[0] < s2[1] and s2[0] < s1[1]
 
 
 def test_one_at_a_time_when_the_limit_is_one(tmp_path):
