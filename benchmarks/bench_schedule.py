@@ -130,14 +130,14 @@ def schedule(runner, node_counts: list[int], cpus_per_node: float, gpus_per_node
                       "artifact and are counted as taking 0 s: " + ", ".join(repr(name) for name in missing[:8])
                       + (" …" if len(missing) > 8 else "") + "[/yellow]", highlight=False)
     durations = {name: found[name]["seconds"] if name in found else 0.0 for name in runner.nodes}
-    keys = {name: (node.stage, runner.planned(name).key) for name, node in runner.nodes.items()}
-    cpus = {name: node.config.cpus_held() for name, node in runner.nodes.items()}
+    scheduling = runner.scheduling()
+    keys = scheduling["keys"]
     caps = capacities(runner.exp.ray, cpus_per_node, node_counts, gpus_per_node)
     path_seconds, path = critical_path(runner.nodes, durations)
     rows = []
     for n in node_counts:
         budget = cpu_budget({"CPU": n * cpus_per_node})
-        wall, timeline = simulate(runner.nodes, durations, caps[n], keys=keys, cpus=cpus, budget=budget)
+        wall, timeline = simulate(runner.nodes, durations, caps[n], budget=budget, **scheduling)
         rows.append({"nodes": n, "cpus": n * cpus_per_node, "max_concurrent_stages": caps[n], "cpu_budget": budget,
                      "wall_s": round(wall, 2),
                      "peak_running": peak(timeline),

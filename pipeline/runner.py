@@ -48,6 +48,11 @@ MANIFEST_FILE = "manifest.json"
 RESWEEP_S = 2.0  # how often the scheduler looks again while no stage finishes (its cap may have grown)
 
 
+def cluster_resources() -> dict[str, float] | None:
+    """The Ray cluster's resources, or None before Ray is up."""
+    return ray.cluster_resources() if ray.is_initialized() else None
+
+
 def corpus_key(stage: str, data_name: str, temperature: float | None = None) -> str:
     """Where ``prepare`` keeps a stage's output over the task's train split ("task") or the augmented corpus,
     labelled by the teacher or (``temperature``) by the ensemble."""
@@ -560,20 +565,25 @@ class PipelineRunner:
         """How many stages may run at once: ``ray.max_concurrent_stages``, else as many training stages as the
         cluster's CPUs (and GPUs) hold, one CPU left for the Ray Data reads that feed them. Before Ray is up only
         the data stage can run, so one."""
-        return stage_capacity(self.exp.ray, lambda: ray.cluster_resources() if ray.is_initialized() else None)
+        return stage_capacity(self.exp.ray, cluster_resources)
 
     def cpu_budget(self) -> float | None:
         """The CPUs running stages' actors may hold at once: the cluster's less one for Ray Data's reads (None
         before Ray is up, when ``concurrency`` allows one stage)."""
-        return cpu_budget(ray.cluster_resources() if ray.is_initialized() else None)
+        return cpu_budget(cluster_resources())
+
+    def scheduling(self) -> dict:
+        """What the scheduler knows of the planned nodes besides their inputs, for ``Scheduler`` and ``simulate``
+        alike: each node's artifact key (nodes of one key never compute it side by side) and the CPUs its actors
+        hold."""
+        return {"keys": {name: (node.stage, self.planned(name).key) for name, node in self.nodes.items()},
+                "cpus": {name: node.config.cpus_held() for name, node in self.nodes.items()}}
 
     def execute_all(self) -> None:
         """Run every planned node as soon as its inputs are done, up to ``concurrency()`` at once. A failed node
         fails the nodes that read it and no others; once nothing more can run, every failure is raised together."""
-        # The policy; benchmarks/bench_schedule.py simulates it. Nodes of one key never compute it side by side.
-        keys = {name: (node.stage, self.planned(name).key) for name, node in self.nodes.items()}
-        scheduler = Scheduler(self.nodes, done=self.done, keys=keys,
-                              cpus={name: node.config.cpus_held() for name, node in self.nodes.items()})
+        # The policy; benchmarks/bench_schedule.py simulates it.
+        scheduler = Scheduler(self.nodes, done=self.done, **self.scheduling())
         running: dict[Future, str] = {}
         with ThreadPoolExecutor(thread_name_prefix="stage") as pool, self.board.live():
             while True:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
+from functools import cache
 from typing import Callable, Hashable, Iterable, Iterator, Literal, Mapping, Protocol
 
 from stages.config import RayConfig
@@ -65,9 +66,11 @@ class Scheduler:
               cpu_budget: float | Callable[[], float | None] | None = None) -> Iterator[tuple[str, str]]:
         """``(START, name)`` for each node to start now and ``(SKIP, name)`` for each node not to run because an
         input failed, in planned order. ``capacity`` (stages at once) and ``cpu_budget`` (CPUs the running nodes'
-        actors may hold; None: no budget) may be callables, asked again before each start, as the runner's limits
-        grow once Ray is up. Both are checked against the nodes running, those started by this sweep included, so
-        the driver must start each node as it is yielded."""
+        actors may hold; None: no budget) may be callables (the runner's limits grow once Ray is up): each is asked
+        at most once a sweep, and only when a node is ready to start, since asking the cluster is a call to Ray.
+        Both are checked against the nodes running, those started by this sweep included, so the driver must start
+        each node as it is yielded."""
+        capacity, cpu_budget = asked_once(capacity), asked_once(cpu_budget)
         for name in list(self.pending):
             inputs = self.inputs[name]
             broken = [ref for ref in inputs if ref in self.failed]
@@ -77,18 +80,17 @@ class Scheduler:
                 self.skipped.add(name)
                 yield SKIP, name
             elif (all(ref in self.done for ref in inputs) and not self._key_running(name)
-                  and len(self.running) < (capacity() if callable(capacity) else capacity)
-                  and self._fits(name, cpu_budget)):
+                  and len(self.running) < capacity() and self._fits(name, cpu_budget)):
                 self.pending.remove(name)
                 self.running.add(name)
                 yield START, name
 
-    def _fits(self, name: str, budget: float | Callable[[], float | None] | None) -> bool:
+    def _fits(self, name: str, budget: Callable[[], float | None]) -> bool:
         held = sum(self.cpus.get(other, 0.0) for other in self.running)
         if name not in self.cpus or held == 0:
             return True
-        budget = budget() if callable(budget) else budget
-        return budget is None or held + self.cpus[name] <= budget
+        limit = budget()
+        return limit is None or held + self.cpus[name] <= limit
 
     def _key_running(self, name: str) -> bool:
         key = self.keys.get(name)
@@ -101,6 +103,11 @@ class Scheduler:
     def fail(self, name: str, reason: str) -> None:
         self.running.remove(name)
         self.failed[name] = reason
+
+
+def asked_once(limit):
+    """A limit as a function that asks ``limit`` (a value, or a callable) at most once."""
+    return cache(limit) if callable(limit) else lambda: limit
 
 
 def stage_capacity(settings: RayConfig,

