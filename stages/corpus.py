@@ -281,19 +281,17 @@ def corpus_dataset(cfg: CorpusConfig, task_dir: Path | None = None,
                    augment_dir: Path | None = None) -> ray.data.Dataset:
     """The corpus as a Ray Dataset with one string column ``text``, read lazily and streamed: nothing is read
     whole into the driver. ``task_dir`` is the data stage's output, ``augment_dir`` the augment stage's, for the
-    ``task`` and ``augmented`` sources. An empty corpus is refused."""
-    source, column = cfg.source, cfg.text_column
+    ``task`` and ``augmented`` sources. An empty corpus is refused where it is read, by the worker that finds no
+    text in it (``kd.general.BlockStream``)."""
+    source = cfg.source
     if source == WORDNET:
-        texts, column = ray.data.read_text(str(fetch_wordnet())), TEXT
+        texts = ray.data.read_text(str(fetch_wordnet()))
     elif source in (TASK, AUGMENTED):
-        texts, column = stage_texts(source, task_dir, augment_dir), TEXT_A
+        texts = stage_texts(source, task_dir, augment_dir)
     elif source.startswith(HUB):
-        texts = hub_texts(source.removeprefix(HUB), column)
+        texts = hub_texts(source.removeprefix(HUB), cfg.text_column)
     else:
-        path = Path(source).expanduser().resolve()  # Ray's readers may run in other working folders
-        texts = local_texts(path, column)
-        column = TEXT if path.suffix.lower() == ".txt" else column
+        # Resolved: Ray's readers may run in other working folders.
+        texts = local_texts(Path(source).expanduser().resolve(), cfg.text_column)
     texts = texts.map_batches(stripped_text, batch_format="pyarrow")
-    if not texts.take(1):
-        raise StageError(f"corpus {source!r} has no text in column {column!r}")
     return texts if cfg.max_sentences is None else texts.limit(cfg.max_sentences)

@@ -181,6 +181,11 @@ def test_a_corpus_too_small_for_one_batch_is_refused(teacher_dir, one_torch_thre
         train_general(job_for(teacher_dir, max_length=200), StreamIO(sentences(3)), verbose=False)
 
 
+def test_a_corpus_without_text_is_refused_by_the_worker_that_reads_it(teacher_dir, one_torch_thread):
+    with pytest.raises(ValueError, match="the corpus gave this worker no text"):
+        train_general(job_for(teacher_dir), StreamIO([]), verbose=False)
+
+
 # --- through Ray and the pipeline ---------------------------------------------------------------------------
 
 
