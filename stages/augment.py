@@ -164,10 +164,18 @@ def augmenter(cfg: Config, inputs, source: ray.data.Dataset) -> tuple[type, dict
         "pos_tags": len(vocabulary.tags), "pos_words": sum(len(vocabulary.words(tag)) for tag in vocabulary.tags)}
 
 
+def sentences_per_block(augment: AugmentConfig) -> int:
+    """How many sentences a read block holds. An augmenter's output shows only when it finishes a block, and Ray
+    Data fails an execution that shows none for 30 minutes (``execution_no_progress_timeout_s``): the masked-LM
+    rule's forward a word took over 30 min for one 512-sentence block on one CPU thread, so its blocks are one
+    actor call each, minutes even there."""
+    return augment.batch_size if augment.rule == "tinybert" else SENTENCES_PER_BLOCK
+
+
 def run(cfg: Config, inputs, ctx, out: Path) -> dict:
     sentences = inputs["data"].result()["rows"]["train"]
-    source = ray.data.read_parquet(str(inputs["data"].path / "train.parquet"),
-                                   override_num_blocks=max(cfg.augment.actors * 4, sentences // SENTENCES_PER_BLOCK))
+    blocks = max(cfg.augment.actors * 4, sentences // sentences_per_block(cfg.augment))
+    source = ray.data.read_parquet(str(inputs["data"].path / "train.parquet"), override_num_blocks=blocks)
     actor, arguments, facts = augmenter(cfg, inputs, source)
     augmented = source.map_batches(actor, fn_constructor_kwargs=arguments, batch_size=cfg.augment.batch_size,
                                    batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=cfg.augment.actors),

@@ -23,7 +23,8 @@ from kd.training import TrainSettings
 from pipeline.artifacts import Artifact
 from pipeline.config import ConfigError, validate
 from pipeline.runner import PipelineRunner, student_corpus
-from stages.augment import MlmAugmenter, TangAugmenter, with_copies
+from stages.augment import SENTENCES_PER_BLOCK, MlmAugmenter, TangAugmenter, sentences_per_block, with_copies
+from stages.config import AugmentConfig
 from stages.distill import student_params
 from kd.layout import MLM_DIR
 from stages.mlm_teacher import adapt_teacher
@@ -312,3 +313,10 @@ def test_no_masked_lm_teacher_without_a_student_that_reads_it():
     runner = PipelineRunner(exp)
     runner.plan_prepare(exp.students)
     assert [node.stage for node in runner.nodes.values()] == ["data", "teacher", "evaluate"]
+
+
+def test_the_masked_lm_rule_reads_blocks_of_one_actor_call():
+    # Ray Data fails an execution that shows no output for 30 min, and a block's output shows only when it is done:
+    # the masked-LM rule's blocks must stay small on a slow CPU.
+    assert sentences_per_block(AugmentConfig(rule="tinybert", batch_size=48)) == 48
+    assert sentences_per_block(AugmentConfig(rule="tang")) == SENTENCES_PER_BLOCK
