@@ -246,20 +246,24 @@ class BlockStream:
         self.special_ids = torch.tensor(tokenizer.all_special_ids)  # never masked; built once, not every step
         self.position = dict(position or {"pass": 0, "rows": 0})
         self.sentences = 0  # sentences consumed by this worker since the stream was made
-        self.pass_rows = 0  # rows the current pass has read
         self.tokens = 0  # real tokens in its batches
 
     def _pass_chunks(self, pass_index: int, skip: int) -> Iterator[list[str]]:
         seed = int(np.random.SeedSequence([self.settings.seed, self.rank, pass_index]).generate_state(1)[0])
-        self.pass_rows = 0
+        read = 0
         for rows in self.io.epoch_chunks(self.settings.rows_per_chunk, seed):
             texts = [str(text) for text in rows[TEXT]]
-            self.pass_rows += len(texts)
+            read += len(texts)
             if skip >= len(texts):
                 skip -= len(texts)
                 continue
             yield texts[skip:]
             skip = 0
+        if read == 0:
+            # Checked here, where the stream is read: a check on the driver (take(1)) stops Ray Data with tasks in
+            # flight, and their cancellation prints an error from Ray's own signal handling.
+            raise ValueError(f"worker {self.rank}: the corpus gave this worker no text (its source is empty, "
+                             "or its text column holds only blank values)")
 
     def _mask(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         # Seeded by (seed, rank, step), so a resumed run masks each step as the uninterrupted run would.
@@ -287,11 +291,6 @@ class BlockStream:
                 pending, produced = [], True
                 yield self._mask(batch, step) if self.masked else batch
                 step += 1
-            if self.pass_rows == 0:
-                # Checked here, where the stream is read: a check on the driver (take(1)) stops Ray Data with
-                # tasks in flight, and their cancellation prints an error from Ray's own signal handling.
-                raise ValueError(f"worker {self.rank}: the corpus gave this worker no text (its source is empty, "
-                                 "or its text column holds only blank values)")
             if not produced and skip == 0:
                 raise ValueError(f"worker {self.rank}: a whole pass over its share of the corpus gave fewer than "
                                  f"{self.settings.batch_size} blocks of {self.settings.max_length} tokens; use a "
