@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from pathlib import Path
 
 import grpc
@@ -94,10 +95,39 @@ def ensure_ray(ray_cfg, log_to_driver: bool = True) -> None:
         # Only a Ray started here is ours to size and configure.
         kwargs.update(num_cpus=ray_cfg.num_cpus, _system_config=LOCAL_SYSTEM_CONFIG)
     try:
-        ray.init(**kwargs)
+        if local:
+            init_on_lasting_thread(kwargs)
+        else:
+            ray.init(**kwargs)
     except Exception as error:  # a local start that times out raises a bare Exception
         where = "start a local Ray" if local else f"reach Ray at {ray_cfg.address!r}"
         raise StageError(f"cannot {where}: {type(error).__name__}: {error}") from None
+
+
+def init_on_lasting_thread(kwargs: dict) -> None:
+    """``ray.init(**kwargs)`` for a local start, from a thread that lives as long as this process.
+
+    A local Ray's GCS, raylet and dashboard share the fate of the thread that started them (Linux
+    ``PR_SET_PDEATHSIG``: the kernel kills them when that thread, not the process, ends). The runner starts Ray
+    inside the first stage that needs it, on a stage thread, and its thread pool ends those threads once every stage
+    is done: two cold benchmark runs lost their Ray then, as the summary timed the models."""
+    started = threading.Event()
+    failures: list[BaseException] = []
+
+    def start_and_stay() -> None:
+        try:
+            ray.init(**kwargs)
+        except BaseException as error:  # noqa: BLE001  (handed to the caller, which reports it)
+            failures.append(error)
+            return
+        finally:
+            started.set()
+        threading.Event().wait()  # never set: this thread is the local Ray's parent until the process exits
+
+    threading.Thread(target=start_and_stay, name="ray-parent", daemon=True).start()
+    started.wait()
+    if failures:
+        raise failures[0]
 
 
 CONSOLE_NOTICES = {

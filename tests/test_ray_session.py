@@ -1,6 +1,13 @@
 """The local Ray the pipeline starts: its workers compete for the cores on equal terms with Ray's own daemons."""
 
 import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_workers_run_at_normal_priority(ray_session):
@@ -70,3 +77,31 @@ def test_without_verbose_transformers_saves_and_loads_without_a_word(tmp_path, c
     BertForSequenceClassification.from_pretrained(tmp_path, num_labels=3, ignore_mismatched_sizes=True)
     printed = capfd.readouterr()
     assert printed.out == "" and printed.err == ""
+
+
+LOCAL_RAY_OUTLIVES_ITS_STARTER = """
+import threading
+import ray
+from pipeline.config import RayConfig
+from pipeline.ray_session import ensure_ray
+
+starter = threading.Thread(target=ensure_ray, args=(RayConfig(address="local", num_cpus=1),))
+starter.start()
+starter.join()  # as the runner's stage threads end once every stage is done
+
+@ray.remote(num_cpus=0)
+def answer():
+    return 42
+
+print("answer", ray.get(answer.remote(), timeout=60))
+ray.shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_a_local_ray_started_by_a_thread_outlives_that_thread():
+    """The run's summary times its models after the stage threads that started Ray have ended; a local Ray's
+    daemons die with the thread that started them unless that thread lasts."""
+    done = subprocess.run([sys.executable, "-c", LOCAL_RAY_OUTLIVES_ITS_STARTER], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=240)
+    assert "answer 42" in done.stdout, done.stdout[-2000:] + done.stderr[-3000:]
