@@ -203,17 +203,20 @@ def main(argv: list[str] | None = None) -> dict:
         results["ray"], results["ray_later"] = fits[0], fits[1:]
 
     local, ray_run = results["local"], results["ray"]
-    results["steady_local_over_ray"] = local["steady_steps_per_s"] / ray_run["steady_steps_per_s"]
-    results["extra_startup_s"] = ray_run["startup_s"] - local["startup_s"]
+    results["extra_startup_s"], results["steady_local_over_ray"] = overhead(local, [ray_run])
     results["end_to_end_local_over_ray"] = local["end_to_end_steps_per_s"] / ray_run["end_to_end_steps_per_s"]
     if results["ray_later"]:
-        later = results["ray_later"]
-        results["extra_startup_later_s"] = statistics.median(run["startup_s"] for run in later) - local["startup_s"]
-        results["steady_local_over_ray_later"] = (local["steady_steps_per_s"]
-                                                  / statistics.median(run["steady_steps_per_s"] for run in later))
+        results["extra_startup_later_s"], results["steady_local_over_ray_later"] = overhead(local, results["ray_later"])
     report(results, args, machine)
     write_results(NAME, args.quick, machine, vars(args), results)
     return results
+
+
+def overhead(local: dict, ray_runs: list[dict]) -> tuple[float, float]:
+    """Ray's extra start-up (s) and the bare loop's steady steps/s over Ray's, from the median of ``ray_runs``."""
+    startup = statistics.median(run["startup_s"] for run in ray_runs)
+    steady = statistics.median(run["steady_steps_per_s"] for run in ray_runs)
+    return startup - local["startup_s"], local["steady_steps_per_s"] / steady
 
 
 def report(results: dict, args: argparse.Namespace, machine: dict) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from concurrent.futures import Future
 from pathlib import Path
 
 import grpc
@@ -111,23 +112,19 @@ def init_on_lasting_thread(kwargs: dict) -> None:
     ``PR_SET_PDEATHSIG``: the kernel kills them when that thread, not the process, ends). The runner starts Ray
     inside the first stage that needs it, on a stage thread, and its thread pool ends those threads once every stage
     is done: two cold benchmark runs lost their Ray then, as the summary timed the models."""
-    started = threading.Event()
-    failures: list[BaseException] = []
+    started: Future = Future()
 
     def start_and_stay() -> None:
         try:
             ray.init(**kwargs)
         except BaseException as error:  # noqa: BLE001  (handed to the caller, which reports it)
-            failures.append(error)
+            started.set_exception(error)
             return
-        finally:
-            started.set()
+        started.set_result(None)
         threading.Event().wait()  # never set: this thread is the local Ray's parent until the process exits
 
     threading.Thread(target=start_and_stay, name="ray-parent", daemon=True).start()
-    started.wait()
-    if failures:
-        raise failures[0]
+    started.result()
 
 
 CONSOLE_NOTICES = {
